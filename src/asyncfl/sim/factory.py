@@ -1,0 +1,64 @@
+"""Build a ready-to-run :class:`Simulator` from a :class:`SimConfig`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from asyncfl.algorithms.factory import make_aggregator
+from asyncfl.algorithms.fedasync import FedAsyncConfig
+from asyncfl.algorithms.fedavg import FedAvgConfig
+from asyncfl.core.params import ParamSpec
+from asyncfl.core.server_opt import make_server_optimizer
+from asyncfl.data.federated import FederatedDataset
+from asyncfl.data.registry import load_dataset
+from asyncfl.models.registry import build_model
+from asyncfl.sim.config import SimConfig
+from asyncfl.sim.devices import DevicePopulation, synthetic_population
+from asyncfl.sim.seeding import derive_seed, rng_for
+from asyncfl.sim.simulator import Simulator
+from asyncfl.training.local import LocalTrainer
+
+__all__ = ["build_population", "build_simulator"]
+
+
+def build_population(cfg: SimConfig, size: int, log: Callable[[str], None]) -> DevicePopulation:
+    del log  # the synthetic population has nothing to report
+    return synthetic_population(cfg.population.synthetic, size, rng_for(cfg.seed, "population"))
+
+
+def build_simulator(
+    cfg: SimConfig,
+    *,
+    data: FederatedDataset | None = None,
+    population: DevicePopulation | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Simulator:
+    """Everything a run needs, from the config (``data``/``population`` may be given directly)."""
+    if data is None:
+        data = load_dataset(cfg.data, cfg.seed)
+    if population is None:
+        population = build_population(cfg, data.num_clients, log)
+    model = build_model(
+        cfg.model.name,
+        data.input_shape,
+        data.num_classes,
+        hidden=cfg.model.hidden,
+        seed=derive_seed(cfg.seed, "model_init"),
+    )
+    trainer = LocalTrainer(model, cfg.client)
+    init = ParamSpec.from_module(model).flatten(model.state_dict())
+    alg = cfg.algorithm
+    optimizer = make_server_optimizer(cfg.server_optimizer, init.shape[0])
+    aggregator = make_aggregator(alg, init, optimizer)
+    concurrency = alg.selection_size if isinstance(alg, FedAvgConfig) else alg.concurrency
+    return Simulator(
+        aggregator=aggregator,
+        trainer=trainer,
+        data=data,
+        population=population,
+        run=cfg.run,
+        seed=cfg.seed,
+        algorithm_name=alg.name if not isinstance(alg, FedAsyncConfig) else "fedasync",
+        concurrency=concurrency,
+        examples_processed=cfg.client.examples_processed,
+    )

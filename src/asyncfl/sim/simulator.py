@@ -1,0 +1,396 @@
+"""The discrete-event simulator: clients really train, time is simulated.
+
+One loop drives both modes over an :class:`EventQueue`:
+
+- **async** (FedBuff, FedAsync): ``concurrency`` clients train at all times; every finished
+  or dropped client is replaced at once by an idle, online client.
+- **sync** (FedAvg): a round selects ``ceil(C (1 + o))`` idle online clients; the first C
+  updates (or the deadline, or the last dropout) close it; the clients still training are
+  cancelled and the next round starts at that instant.
+
+A client's duration is download + compute (examples x epochs x seconds-per-example of its
+device) + upload. It drops out with its device's probability at a uniform moment of the
+task, or when its daily online window closes first. Training runs when a client *finishes*,
+from the model version it downloaded (kept once per version, reference-counted), so
+dropped clients cost no compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from asyncfl.algorithms.base import Aggregator, Outcome
+from asyncfl.algorithms.fedavg import FedAvg, FedAvgConfig
+from asyncfl.core.update import FloatVector, Update
+from asyncfl.data.federated import FederatedDataset
+from asyncfl.sim.config import RunConfig
+from asyncfl.sim.devices import DevicePopulation
+from asyncfl.sim.events import EventKind, EventQueue
+from asyncfl.sim.seeding import derive_seed, rng_for
+from asyncfl.training.evaluate import evaluate
+from asyncfl.training.local import LocalTrainer
+
+__all__ = ["Progress", "SimResult", "Simulator"]
+
+I64 = npt.NDArray[np.int64]
+# Consecutive wake-ups without being able to start a round before we give up.
+_MAX_IDLE_WAKES = 10_000
+
+
+@dataclass(frozen=True)
+class Progress:
+    sim_time_s: float
+    server_steps: int
+    client_updates: int
+    metrics: dict[str, float] | None
+
+
+@dataclass
+class SimResult:
+    algorithm: str
+    sim_time_s: float = 0.0
+    server_steps: int = 0
+    client_updates: int = 0
+    """Updates the aggregator accepted."""
+    dropped_updates: int = 0
+    """Clients that dropped out mid-task (random dropout or end of their online window)."""
+    cancelled_updates: int = 0
+    """Over-selected clients still training when their round closed."""
+    discarded_updates: int = 0
+    """Accepted updates thrown away (failed rounds, zero-weight buffers)."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    wall_time_s: float = 0.0
+    train_wall_time_s: float = 0.0
+    eval_wall_time_s: float = 0.0
+    failed_rounds: int = 0
+    stop_reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    participation: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    staleness_counts: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Task:
+    client: int
+    base_version: int
+    start: float
+    end: float
+    dropped: bool
+    round_version: int = -1
+
+
+class Simulator:
+    """Runs one simulation. Build with :func:`asyncfl.sim.factory.build_simulator`."""
+
+    def __init__(
+        self,
+        *,
+        aggregator: Aggregator,
+        trainer: LocalTrainer,
+        data: FederatedDataset,
+        population: DevicePopulation,
+        run: RunConfig,
+        seed: int,
+        algorithm_name: str,
+        concurrency: int,
+        examples_processed: Callable[[int], int],
+    ) -> None:
+        if population.size != data.num_clients:
+            raise ValueError(
+                f"population has {population.size} devices but data has {data.num_clients} clients"
+            )
+        self.agg = aggregator
+        self.trainer = trainer
+        self.data = data
+        self.pop = population
+        self.run_cfg = run
+        self.seed = seed
+        self.sync = isinstance(aggregator, FedAvg)
+        self.concurrency = concurrency
+        self._examples_processed = examples_processed
+        self.queue = EventQueue()
+        self.busy = np.zeros(data.num_clients, dtype=bool)
+        self.train_sizes = data.train_sizes.astype(np.int64)
+        self.has_data = self.train_sizes > 0
+        self.tasks: dict[int, _Task] = {}
+        self._next_task = 0
+        self._versions: dict[int, tuple[FloatVector, int]] = {}
+        self._select_rng = rng_for(seed, "select")
+        self._device_rng = rng_for(seed, "device")
+        self._wake_pending = False
+        self._idle_wakes = 0
+        self._round_open = False
+        self._round_outstanding = 0
+        self.model_bytes = aggregator.dim * 4
+        self.result = SimResult(algorithm=algorithm_name)
+        self.result.participation = np.zeros(data.num_clients, np.int64)
+        self._stop: str | None = None
+
+    # -- model versions kept for clients in flight ---------------------------------------
+    def _acquire(self, version: int) -> None:
+        params, refs = self._versions.get(version, (None, 0))
+        if params is None:
+            params = self.agg.params.copy()
+        self._versions[version] = (params, refs + 1)
+
+    def _release(self, version: int) -> FloatVector:
+        params, refs = self._versions[version]
+        if refs <= 1:
+            del self._versions[version]
+        else:
+            self._versions[version] = (params, refs - 1)
+        return params
+
+    # -- selection and dispatch -----------------------------------------------------------
+    def _candidates(self, t: float) -> I64:
+        ok = ~self.busy & self.has_data & self.pop.available(t)
+        return np.flatnonzero(ok)
+
+    def _dispatch(self, clients: I64, t: float) -> None:
+        version = self.agg.version
+        n_proc = np.array([self._examples_processed(int(self.train_sizes[c])) for c in clients])
+        down, up = self.pop.transfer_seconds(clients, self.model_bytes, self.model_bytes, self._device_rng)
+        compute = n_proc * self.pop.sec_per_example[clients]
+        duration = down + compute + up
+        end = t + duration
+        drop_draw = self._device_rng.random(len(clients))
+        drop_at = t + self._device_rng.random(len(clients)) * duration
+        window_end = self.pop.window_end(t, clients)
+        for i, c in enumerate(clients.tolist()):
+            dropped = False
+            finish = float(end[i])
+            if drop_draw[i] < self.pop.dropout_prob[c]:
+                dropped, finish = True, float(drop_at[i])
+            if window_end[i] < finish:
+                dropped, finish = True, float(window_end[i])
+            tid = self._next_task
+            self._next_task += 1
+            self.tasks[tid] = _Task(c, version, t, finish, dropped, version if self.sync else -1)
+            self.busy[c] = True
+            self._acquire(version)
+            self.result.bytes_down += self.model_bytes
+            self.queue.push(finish, EventKind.DROP if dropped else EventKind.FINISH, tid)
+
+    def _select(self, t: float, k: int) -> I64:
+        cand = self._candidates(t)
+        if cand.size <= k:
+            return cand
+        return np.sort(self._select_rng.choice(cand, size=k, replace=False))
+
+    def _schedule_wake(self, t: float) -> None:
+        if self._wake_pending:
+            return
+        idle = np.flatnonzero(~self.busy & self.has_data)
+        if idle.size == 0:
+            return
+        nxt = self.pop.next_online(t, idle)
+        later = nxt[nxt > t]
+        if later.size == 0:
+            return
+        self._wake_pending = True
+        self.queue.push(float(later.min()), EventKind.WAKE)
+
+    def _fill_async(self, t: float) -> None:
+        need = self.concurrency - int(self.busy.sum())
+        if need <= 0:
+            return
+        chosen = self._select(t, need)
+        if chosen.size:
+            self._dispatch(chosen, t)
+        if chosen.size < need:
+            self._schedule_wake(t)
+
+    def _start_round(self, t: float) -> None:
+        assert isinstance(self.agg, FedAvg)
+        cfg: FedAvgConfig = self.agg.cfg
+        if self._candidates(t).size < cfg.cohort_size:
+            self._idle_wakes += 1
+            if self._idle_wakes > _MAX_IDLE_WAKES:
+                self._stop = "population_cannot_supply_cohort"
+                return
+            self._schedule_wake(t)
+            return
+        self._idle_wakes = 0
+        chosen = self._select(t, cfg.selection_size)
+        self._round_open = True
+        self._round_outstanding = int(chosen.size)
+        self._dispatch(chosen, t)
+        if cfg.round_deadline_s is not None:
+            self.queue.push(t + cfg.round_deadline_s, EventKind.DEADLINE, self.agg.version)
+
+    def _close_round(self, outcome: Outcome, t: float) -> None:
+        self._round_open = False
+        if outcome.reason == "round_failed":
+            self.result.failed_rounds += 1
+        self.result.discarded_updates += outcome.discarded
+        # Cancel the over-selected clients still training for the closed round.
+        for tid in [k for k, task in self.tasks.items() if task.round_version >= 0]:
+            task = self.tasks.pop(tid)
+            self.busy[task.client] = False
+            self._release(task.base_version)
+            self.result.cancelled_updates += 1
+        self._round_outstanding = 0
+
+    # -- event handling -------------------------------------------------------------------
+    def _finish(self, tid: int, t: float) -> Outcome | None:
+        task = self.tasks.pop(tid, None)
+        if task is None:  # cancelled when its round closed
+            return None
+        self.busy[task.client] = False
+        params = self._release(task.base_version)
+        x, y = self.data.client_train(task.client)
+        t0 = time.perf_counter()
+        res = self.trainer.train(
+            params, x, y, derive_seed(self.seed, "train", task.client, task.base_version)
+        )
+        self.result.train_wall_time_s += time.perf_counter() - t0
+        self.result.bytes_up += self.model_bytes
+        update = Update(task.client, task.base_version, res.num_examples, res.delta)
+        out = self.agg.on_update(update)
+        if out.accepted:
+            self.result.client_updates += 1
+            self.result.participation[task.client] += 1
+            self.result.staleness_counts[out.staleness] = (
+                self.result.staleness_counts.get(out.staleness, 0) + 1
+            )
+        else:
+            assert out.reason is not None
+            self.result.rejected[out.reason] = self.result.rejected.get(out.reason, 0) + 1
+        if self.sync:
+            self._round_outstanding -= 1
+        return out
+
+    def _drop(self, tid: int) -> None:
+        task = self.tasks.pop(tid, None)
+        if task is None:
+            return
+        self.busy[task.client] = False
+        self._release(task.base_version)
+        self.result.dropped_updates += 1
+        if self.sync:
+            self._round_outstanding -= 1
+
+    def _after_step(self, t: float, progress: Callable[[Progress], None] | None) -> None:
+        r = self.result
+        r.server_steps = self.agg.version
+        metrics = None
+        if r.server_steps % self.run_cfg.eval_every == 0:
+            metrics = self._evaluate(t)
+        if progress is not None:
+            progress(Progress(t, r.server_steps, r.client_updates, metrics))
+        limit = self.run_cfg.max_server_steps
+        if limit is not None and r.server_steps >= limit:
+            self._stop = "max_server_steps"
+
+    def _evaluate(self, t: float) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.trainer.load(np.ascontiguousarray(self.agg.params))
+        ev = evaluate(self.trainer.model, self.data, self.run_cfg.eval_batch_size)
+        metrics = ev.metrics(self.train_sizes)
+        self.result.eval_wall_time_s += time.perf_counter() - t0
+        row = {
+            "sim_time_s": t,
+            "server_steps": float(self.agg.version),
+            "client_updates": float(self.result.client_updates),
+            **metrics,
+        }
+        self.result.history.append(row)
+        self.result.final = metrics
+        rc = self.run_cfg
+        if rc.target_metric is not None and rc.target_value is not None:
+            v = metrics.get(rc.target_metric)
+            if v is not None and (
+                v >= rc.target_value if rc.target_mode == "max" else v <= rc.target_value
+            ):
+                self._stop = "target_reached"
+        return metrics
+
+    def run(self, progress: Callable[[Progress], None] | None = None) -> SimResult:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.run_cfg.torch_threads)
+        try:
+            return self._run(progress)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, progress: Callable[[Progress], None] | None) -> SimResult:
+        wall0 = time.perf_counter()
+        rc = self.run_cfg
+        self._evaluate(0.0)
+        if progress is not None:
+            progress(Progress(0.0, 0, 0, self.result.final))
+        if self._stop is None:
+            if self.sync:
+                self._start_round(0.0)
+            else:
+                self._fill_async(0.0)
+        t = 0.0
+        while self._stop is None:
+            nxt = self.queue.peek_time()
+            if nxt is None:
+                self._stop = "no_more_events"
+                break
+            if rc.max_sim_time_s is not None and nxt > rc.max_sim_time_s:
+                t = rc.max_sim_time_s
+                self._stop = "max_sim_time_s"
+                break
+            batch = self.queue.pop_batch()
+            t = self.queue.now
+            for ev in batch:
+                if self._stop is not None:
+                    break
+                out: Outcome | None = None
+                if ev.kind == EventKind.FINISH:
+                    out = self._finish(ev.ref, t)
+                elif ev.kind == EventKind.DROP:
+                    self._drop(ev.ref)
+                elif ev.kind == EventKind.WAKE:
+                    self._wake_pending = False
+                elif ev.kind == EventKind.DEADLINE:
+                    if self.sync and self._round_open and ev.ref == self.agg.version:
+                        assert isinstance(self.agg, FedAvg)
+                        out = self.agg.on_deadline(ev.ref)
+                        self._close_round(out, t)
+                if out is not None and out.step is not None:
+                    if self.sync and self._round_open:
+                        self._close_round(out, t)
+                    self._after_step(t, progress)
+                elif out is not None and not self.sync:
+                    self.result.discarded_updates += out.discarded
+                if (
+                    rc.max_client_updates is not None
+                    and self.result.client_updates >= rc.max_client_updates
+                ):
+                    self._stop = "max_client_updates"
+            if self._stop is not None:
+                break
+            if self.sync:
+                if self._round_open and self._round_outstanding == 0:
+                    # Everyone selected finished or dropped before C updates arrived.
+                    assert isinstance(self.agg, FedAvg)
+                    out = self.agg.on_deadline(self.agg.version)
+                    self._close_round(out, t)
+                    if out.step is not None:
+                        self._after_step(t, progress)
+                if not self._round_open and self._stop is None:
+                    self._start_round(t)
+            else:
+                self._fill_async(t)
+        r = self.result
+        r.sim_time_s = t
+        r.server_steps = self.agg.version
+        r.stop_reason = self._stop or "done"
+        r.rejected = dict(sorted(r.rejected.items()))
+        if not r.history or r.history[-1]["server_steps"] != float(self.agg.version):
+            self._evaluate(t)
+        r.wall_time_s = time.perf_counter() - wall0
+        return r
