@@ -37,7 +37,11 @@ def test_fedbuff_weighted_step_matches_reference() -> None:
     )
     alg = FedBuff(cfg, X0, _opt(lr=0.7))
     # Advance to version 2 with two single-update steps first (K is 3, so use a K=1 twin).
-    deltas = [_vec(0.3, 0.1, -0.2, 1.0, 2.0), _vec(-1.0, 0.5, 0.25, 0.0, -3.0), _vec(2.0, 2.0, 2.0, 2.0, 2.0)]
+    deltas = [
+        _vec(0.3, 0.1, -0.2, 1.0, 2.0),
+        _vec(-1.0, 0.5, 0.25, 0.0, -3.0),
+        _vec(2.0, 2.0, 2.0, 2.0, 2.0),
+    ]
     ns = [5, 17, 2]
     assert alg.on_update(_upd(1, 0, ns[0], deltas[0])).step is None
     assert alg.on_update(_upd(2, 0, ns[1], deltas[1])).step is None
@@ -90,7 +94,9 @@ def test_fedbuff_rejects_too_stale_and_leaves_state() -> None:
         (np.zeros(5, np.float32), 7, "bad_version"),
     ],
 )
-def test_bad_updates_rejected_without_state_change(delta: np.ndarray, base: int, reason: str) -> None:
+def test_bad_updates_rejected_without_state_change(
+    delta: np.ndarray, base: int, reason: str
+) -> None:
     for alg in (
         FedBuff(FedBuffConfig(buffer_size=2), X0, _opt()),
         FedAvg(FedAvgConfig(cohort_size=2), X0, _opt()),
@@ -120,7 +126,9 @@ def test_zero_total_weight_is_no_step() -> None:
 
 
 def test_one_client_k1_applies_each_update() -> None:
-    alg = FedBuff(FedBuffConfig(buffer_size=1, staleness=StalenessConfig(kind="constant")), X0, _opt(0.5))
+    alg = FedBuff(
+        FedBuffConfig(buffer_size=1, staleness=StalenessConfig(kind="constant")), X0, _opt(0.5)
+    )
     d = _vec(0.2, -0.4, 1, 0, 8)
     alg.on_update(_upd(0, 0, 10, d))
     alg.on_update(_upd(0, 1, 10, d))
@@ -169,5 +177,7 @@ def test_fedavg_deadline_min_updates() -> None:
 def test_config_validation_reports_every_field() -> None:
     probs = FedBuffConfig(concurrency=0, buffer_size=0, max_staleness=-1).validate()
     assert {p.path for p in probs} >= {"concurrency", "buffer_size", "max_staleness"}
-    probs = FedAvgConfig(cohort_size=2, over_selection=-1, round_deadline_s=0, min_updates=5).validate()
+    probs = FedAvgConfig(
+        cohort_size=2, over_selection=-1, round_deadline_s=0, min_updates=5
+    ).validate()
     assert {p.path for p in probs} == {"over_selection", "round_deadline_s", "min_updates"}

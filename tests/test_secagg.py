@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import TypeVar
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import stats  # type: ignore[import-untyped]
 
 from asyncfl.errors import CryptoError, ProtocolError
 from asyncfl.secure import crypto
@@ -15,6 +16,8 @@ from asyncfl.secure.secagg.client import ClientStage, SecAggClient
 from asyncfl.secure.secagg.config import SecAggConfig
 from asyncfl.secure.secagg.messages import (
     EncryptedShare,
+    KeyBroadcast,
+    ServerMessage,
     ShareBroadcast,
     UnmaskRequest,
 )
@@ -34,14 +37,23 @@ def _inputs(cfg: SecAggConfig) -> dict[int, np.ndarray]:
     return {u: np.arange(D, dtype=np.uint32) * (u + 1) for u in cfg.clients}
 
 
-def _to_masked(clients: dict[int, SecAggClient], server: SecAggServer) -> list:
+M = TypeVar("M", KeyBroadcast, ShareBroadcast, UnmaskRequest)
+
+
+def _only(msgs: list[ServerMessage], kind: type[M]) -> list[M]:
+    out = [m for m in msgs if isinstance(m, kind)]
+    assert len(out) == len(msgs)
+    return out
+
+
+def _to_masked(clients: dict[int, SecAggClient], server: SecAggServer) -> list[ShareBroadcast]:
     """Run rounds 0 and 1; return the ShareBroadcasts."""
     for c in clients.values():
         server.receive(c.advertise_keys())
-    kb = {m.recipient: m for m in server.advance()}
+    kb = {m.recipient: m for m in _only(server.advance(), KeyBroadcast)}
     for u, c in clients.items():
         server.receive(c.share_keys(kb[u]))
-    return server.advance()
+    return _only(server.advance(), ShareBroadcast)
 
 
 def test_happy_path_and_stage_transitions() -> None:
@@ -52,16 +64,16 @@ def test_happy_path_and_stage_transitions() -> None:
     assert server.stage is ServerStage.MASKED_INPUT
     for u, c in clients.items():
         server.receive(c.masked_input(sb[u], xs[u]))
-    reqs = server.advance()
-    for r in reqs:
+    for r in _only(server.advance(), UnmaskRequest):
         server.receive(clients[r.recipient].unmask(r))
-    assert server.advance() == [] and server.stage is ServerStage.DONE
-    expected = sum(x.astype(np.uint64) for x in xs.values()).astype(np.uint32)
+    assert server.advance() == []
+    assert server.stage.name == "DONE"
+    expected = np.sum([x.astype(np.uint64) for x in xs.values()], axis=0).astype(np.uint32)
     np.testing.assert_array_equal(server.result, expected)
 
 
 def test_out_of_stage_calls_raise_and_change_nothing() -> None:
-    cfg, clients, server = _setup()
+    _, clients, server = _setup()
     c = clients[10]
     with pytest.raises(ProtocolError, match="not allowed in stage advertise_keys"):
         c.unmask(UnmaskRequest(SID, 10, frozenset({10}), frozenset()))
@@ -182,7 +194,7 @@ def test_inconsistent_shares_fail_the_round() -> None:
     sb = {m.recipient: m for m in _to_masked(clients, server)}
     for u in (10, 13, 16):  # 19 drops: its mask key must be reconstructed
         server.receive(clients[u].masked_input(sb[u], xs[u]))
-    for r in server.advance():
+    for r in _only(server.advance(), UnmaskRequest):
         resp = clients[r.recipient].unmask(r)
         if r.recipient == 10:  # a lying client corrupts its share of 19's key
             v, data = resp.s_shares[0]

@@ -379,7 +379,7 @@ def test_bad_config_reports_every_problem() -> None:
     with pytest.raises(ConfigError) as info:
         make_server_optimizer(cfg, DIM)
     assert len(info.value.problems) == 9
-    assert "server_optimizer.lr: got 0.0" in str(info.value)
+    assert "lr: got 0.0" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -404,9 +404,10 @@ def test_defaults_and_option_combinations_are_valid() -> None:
         assert ServerOptimizerConfig(name).validate() == []
     assert ServerOptimizerConfig("momentum", nesterov=True).validate() == []
     assert ServerOptimizerConfig("yogi", bias_correction=True).validate() == []
-    assert [p.path for p in ServerOptimizerConfig("adagrad", bias_correction=True).validate("server_optimizer")] == [
-        "server_optimizer.bias_correction"
-    ]
+    assert [
+        p.path
+        for p in ServerOptimizerConfig("adagrad", bias_correction=True).validate("server_optimizer")
+    ] == ["server_optimizer.bias_correction"]
     with pytest.raises(ValueError, match="dim"):
         make_server_optimizer(ServerOptimizerConfig(), 0)
 

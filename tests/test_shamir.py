@@ -14,7 +14,7 @@ from asyncfl.secure.shamir import PRIME
 def _solve_mod_p(rows: list[list[int]], rhs: list[int]) -> list[int]:
     """Gauss–Jordan elimination mod p: an independent way to recover polynomial coefficients."""
     n = len(rows)
-    a = [row[:] + [b] for row, b in zip(rows, rhs, strict=True)]
+    a = [[*row, b] for row, b in zip(rows, rhs, strict=True)]
     for col in range(n):
         piv = next(r for r in range(col, n) if a[r][col] % PRIME)
         a[col], a[piv] = a[piv], a[col]

@@ -39,7 +39,9 @@ def flat_population(n: int, *, spe: float = 0.0, dropout: float = 0.0) -> Device
     )
 
 
-def _cfg(alg: FedAvgConfig | FedBuffConfig | FedAsyncConfig, steps: int = 4, seed: int = 0) -> SimConfig:
+def _cfg(
+    alg: FedAvgConfig | FedBuffConfig | FedAsyncConfig, steps: int = 4, seed: int = 0
+) -> SimConfig:
     return SimConfig(
         seed=seed,
         algorithm=alg,
@@ -100,7 +102,9 @@ def _instrument(sim: Simulator, limit: int, exact: bool = False) -> list[float]:
 
 
 def test_async_keeps_concurrency_and_replaces_dropouts(data: FederatedDataset) -> None:
-    pop = replace(flat_population(N, spe=0.05, dropout=0.3), sec_per_example=np.linspace(0.01, 0.3, N))
+    pop = replace(
+        flat_population(N, spe=0.05, dropout=0.3), sec_per_example=np.linspace(0.01, 0.3, N)
+    )
     cfg = _cfg(FedBuffConfig(concurrency=5, buffer_size=3), steps=10)
     sim = build_simulator(cfg, data=data, population=pop)
     times = _instrument(sim, 5, exact=True)
@@ -137,7 +141,9 @@ def test_sync_deadline_drops_slow_clients(data: FederatedDataset) -> None:
 
 def test_all_clients_dropping_fails_rounds_cleanly(data: FederatedDataset) -> None:
     pop = flat_population(N, spe=0.01, dropout=0.999)
-    cfg = replace(_cfg(FedAvgConfig(cohort_size=4)), run=RunConfig(max_server_steps=2, max_sim_time_s=50.0))
+    cfg = replace(
+        _cfg(FedAvgConfig(cohort_size=4)), run=RunConfig(max_server_steps=2, max_sim_time_s=50.0)
+    )
     r = build_simulator(cfg, data=data, population=pop).run()
     assert r.server_steps == 0 and r.failed_rounds > 0 and r.stop_reason == "max_sim_time_s"
 
@@ -167,5 +173,7 @@ def test_deterministic_under_seed(data: FederatedDataset) -> None:
 
 def test_fedasync_runs_one_update_per_step(data: FederatedDataset) -> None:
     pop = replace(flat_population(N), sec_per_example=np.linspace(0.01, 0.2, N))
-    r = build_simulator(_cfg(FedAsyncConfig(concurrency=4), steps=8), data=data, population=pop).run()
+    r = build_simulator(
+        _cfg(FedAsyncConfig(concurrency=4), steps=8), data=data, population=pop
+    ).run()
     assert r.server_steps == 8 and r.client_updates == 8

@@ -63,7 +63,9 @@ class Aggregator:
 
     def __init__(self, params: FloatVector, optimizer: ServerOptimizer) -> None:
         if params.dtype != np.float32 or params.ndim != 1:
-            raise ValueError(f"params must be a 1-D float32 vector, got {params.dtype} {params.shape}")
+            raise ValueError(
+                f"params must be a 1-D float32 vector, got {params.dtype} {params.shape}"
+            )
         self._params = params.copy()
         self._optimizer = optimizer
         self._version = 0

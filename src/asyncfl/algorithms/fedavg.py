@@ -52,7 +52,9 @@ class FedAvgConfig:
         if not 1 <= self.min_updates <= max(self.cohort_size, 1):
             out.append(
                 ConfigProblem(
-                    "min_updates", self.min_updates, f"an integer in [1, cohort_size={self.cohort_size}]"
+                    "min_updates",
+                    self.min_updates,
+                    f"an integer in [1, cohort_size={self.cohort_size}]",
                 )
             )
         return out

@@ -46,7 +46,7 @@ def _describe(tp: Any) -> str:
         return "null"
     if origin is tuple:
         return f"a list of {_describe(get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return f"a mapping ({tp.__name__})"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
         tp, str(tp)
@@ -129,7 +129,9 @@ def _build_dataclass(
     unknown = sorted(set(value) - set(fields))
     for key in unknown:
         problems.append(
-            ConfigProblem(_join(path, str(key)), value[key], f"no such field; known: {sorted(fields)}")
+            ConfigProblem(
+                _join(path, str(key)), value[key], f"no such field; known: {sorted(fields)}"
+            )
         )
     kwargs: dict[str, Any] = {}
     before = len(problems)

@@ -75,14 +75,22 @@ class StalenessConfig:
         problems: list[ConfigProblem] = []
         if self.kind not in _STALENESS_KINDS:
             problems.append(
-                ConfigProblem(f"{path + '.' if path else ''}kind", self.kind, f"one of {list(_STALENESS_KINDS)}")
+                ConfigProblem(
+                    f"{path + '.' if path else ''}kind",
+                    self.kind,
+                    f"one of {list(_STALENESS_KINDS)}",
+                )
             )
         a_ok = isinstance(self.a, int | float) and not isinstance(self.a, bool)
         # a < 0 would up-weight stale updates (and a negative hinge slope divides by zero).
         if not a_ok or not (math.isfinite(self.a) and self.a >= 0):
-            problems.append(ConfigProblem(f"{path + '.' if path else ''}a", self.a, "a finite number >= 0"))
+            problems.append(
+                ConfigProblem(f"{path + '.' if path else ''}a", self.a, "a finite number >= 0")
+            )
         if isinstance(self.b, bool) or not isinstance(self.b, int) or self.b < 0:
-            problems.append(ConfigProblem(f"{path + '.' if path else ''}b", self.b, "an int >= 0 (versions)"))
+            problems.append(
+                ConfigProblem(f"{path + '.' if path else ''}b", self.b, "an int >= 0 (versions)")
+            )
         return problems
 
     def weight(self, s: int) -> float:

@@ -87,9 +87,11 @@ def load_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
     if cfg.name == "femnist":
         from asyncfl.data.femnist import load_femnist
 
-        path = Path(cfg.path) if cfg.path else default_shared_data() / "femnist" / "femnist_sf005.npz"
+        path = (
+            Path(cfg.path) if cfg.path else default_shared_data() / "femnist" / "femnist_sf005.npz"
+        )
         return load_femnist(path, max_clients=keep, test_fraction=cfg.test_fraction, seed=seed)
-    from asyncfl.data.shakespeare import load_shakespeare  # type: ignore[attr-defined]
+    from asyncfl.data.shakespeare import load_shakespeare
 
     ds: FederatedDataset = load_shakespeare(
         max_clients=keep, seq_len=cfg.seq_len, test_fraction=cfg.test_fraction, seed=seed

@@ -17,7 +17,13 @@ import numpy.typing as npt
 
 from asyncfl.errors import ConfigProblem
 
-__all__ = ["DAY_S", "AvailabilityConfig", "DevicePopulation", "SyntheticPopulationConfig", "synthetic_population"]
+__all__ = [
+    "DAY_S",
+    "AvailabilityConfig",
+    "DevicePopulation",
+    "SyntheticPopulationConfig",
+    "synthetic_population",
+]
 
 DAY_S = 86_400.0
 F64 = npt.NDArray[np.float64]
@@ -130,7 +136,9 @@ class DevicePopulation:
         if self.bandwidth_jitter > 0:
             # Per-transfer speed ~ Normal(mean, jitter * mean), truncated above zero.
             lo = 0.05
-            down = down * np.maximum(1 + self.bandwidth_jitter * rng.standard_normal(down.shape), lo)
+            down = down * np.maximum(
+                1 + self.bandwidth_jitter * rng.standard_normal(down.shape), lo
+            )
             up = up * np.maximum(1 + self.bandwidth_jitter * rng.standard_normal(up.shape), lo)
         return bytes_down / down, bytes_up / up
 

@@ -37,14 +37,12 @@ def participation_summary(result: SimResult, speed_score: np.ndarray) -> dict[st
     if part.size and speed_score.size == part.size:
         edges = np.quantile(speed_score, [0.25, 0.5, 0.75])
         q = np.searchsorted(edges, speed_score, side="right")
-        out["updates_by_speed_quartile"] = {
-            f"q{i + 1}": int(part[q == i].sum()) for i in range(4)
-        }
+        out["updates_by_speed_quartile"] = {f"q{i + 1}": int(part[q == i].sum()) for i in range(4)}
     return out
 
 
 def summary_dict(cfg: SimConfig, result: SimResult, speed_score: np.ndarray) -> dict[str, Any]:
-    return _clean(
+    out: dict[str, Any] = _clean(
         {
             "algorithm": result.algorithm,
             "seed": cfg.seed,
@@ -67,6 +65,7 @@ def summary_dict(cfg: SimConfig, result: SimResult, speed_score: np.ndarray) -> 
             "final": result.final,
         }
     )
+    return out
 
 
 def _plot(result: SimResult, path: Path) -> None:
@@ -93,7 +92,9 @@ def _plot(result: SimResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_run(out: Path, cfg: SimConfig, result: SimResult, speed_score: np.ndarray) -> dict[str, Any]:
+def write_run(
+    out: Path, cfg: SimConfig, result: SimResult, speed_score: np.ndarray
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
     with (out / "metrics.jsonl").open("w") as f:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import zlib
 
 import numpy as np
@@ -19,6 +21,11 @@ def rng_for(seed: int, purpose: str, *ids: int) -> np.random.Generator:
 
 
 def derive_seed(seed: int, purpose: str, *ids: int) -> int:
-    """A 63-bit seed for torch generators, stable for the same inputs."""
-    hi, lo = np.random.SeedSequence(_words(seed, purpose, ids)).generate_state(2, np.uint32)
-    return ((int(hi) << 32) | int(lo)) & ((1 << 63) - 1)
+    """A 63-bit seed for torch generators, stable for the same inputs.
+
+    Called once per client update, so it hashes with BLAKE2b (~1 us) instead of building a
+    ``SeedSequence`` (~35 us).
+    """
+    words = _words(seed, purpose, ids)
+    digest = hashlib.blake2b(struct.pack(f"<{len(words)}I", *words), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

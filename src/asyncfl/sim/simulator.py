@@ -30,7 +30,7 @@ from asyncfl.algorithms.fedavg import FedAvg, FedAvgConfig
 from asyncfl.core.update import FloatVector, Update
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.sim.config import RunConfig
-from asyncfl.sim.devices import DevicePopulation
+from asyncfl.sim.devices import DAY_S, DevicePopulation
 from asyncfl.sim.events import EventKind, EventQueue
 from asyncfl.sim.seeding import derive_seed, rng_for
 from asyncfl.training.evaluate import evaluate
@@ -125,6 +125,7 @@ class Simulator:
         self._next_task = 0
         self._versions: dict[int, tuple[FloatVector, int]] = {}
         self._select_rng = rng_for(seed, "select")
+        self._always_online = bool((population.window_length_s >= DAY_S).all())
         self._device_rng = rng_for(seed, "device")
         self._wake_pending = False
         self._idle_wakes = 0
@@ -152,19 +153,27 @@ class Simulator:
 
     # -- selection and dispatch -----------------------------------------------------------
     def _candidates(self, t: float) -> I64:
-        ok = ~self.busy & self.has_data & self.pop.available(t)
+        ok = ~self.busy & self.has_data
+        if not self._always_online:
+            ok &= self.pop.available(t)
         return np.flatnonzero(ok)
 
     def _dispatch(self, clients: I64, t: float) -> None:
         version = self.agg.version
         n_proc = np.array([self._examples_processed(int(self.train_sizes[c])) for c in clients])
-        down, up = self.pop.transfer_seconds(clients, self.model_bytes, self.model_bytes, self._device_rng)
+        down, up = self.pop.transfer_seconds(
+            clients, self.model_bytes, self.model_bytes, self._device_rng
+        )
         compute = n_proc * self.pop.sec_per_example[clients]
         duration = down + compute + up
         end = t + duration
         drop_draw = self._device_rng.random(len(clients))
         drop_at = t + self._device_rng.random(len(clients)) * duration
-        window_end = self.pop.window_end(t, clients)
+        window_end = (
+            np.full(len(clients), np.inf)
+            if self._always_online
+            else self.pop.window_end(t, clients)
+        )
         for i, c in enumerate(clients.tolist()):
             dropped = False
             finish = float(end[i])
@@ -184,7 +193,9 @@ class Simulator:
         cand = self._candidates(t)
         if cand.size <= k:
             return cand
-        return np.sort(self._select_rng.choice(cand, size=k, replace=False))
+        if k == 1:  # the common async case: one replacement, O(1) instead of a permutation
+            return cand[self._select_rng.integers(cand.size, size=1)]
+        return np.sort(cand[self._select_rng.choice(cand.size, size=k, replace=False)])
 
     def _schedule_wake(self, t: float) -> None:
         if self._wake_pending:
@@ -200,7 +211,7 @@ class Simulator:
         self.queue.push(float(later.min()), EventKind.WAKE)
 
     def _fill_async(self, t: float) -> None:
-        need = self.concurrency - int(self.busy.sum())
+        need = self.concurrency - len(self.tasks)
         if need <= 0:
             return
         chosen = self._select(t, need)
@@ -355,11 +366,14 @@ class Simulator:
                     self._drop(ev.ref)
                 elif ev.kind == EventKind.WAKE:
                     self._wake_pending = False
-                elif ev.kind == EventKind.DEADLINE:
-                    if self.sync and self._round_open and ev.ref == self.agg.version:
-                        assert isinstance(self.agg, FedAvg)
-                        out = self.agg.on_deadline(ev.ref)
-                        self._close_round(out, t)
+                elif (
+                    ev.kind == EventKind.DEADLINE
+                    and self._round_open
+                    and isinstance(self.agg, FedAvg)
+                    and ev.ref == self.agg.version
+                ):
+                    out = self.agg.on_deadline(ev.ref)
+                    self._close_round(out, t)
                 if out is not None and out.step is not None:
                     if self.sync and self._round_open:
                         self._close_round(out, t)

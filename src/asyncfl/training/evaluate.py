@@ -57,9 +57,7 @@ def top_fraction_mean(
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, data: FederatedDataset, batch_size: int = 1024
-) -> Evaluation:
+def evaluate(model: torch.nn.Module, data: FederatedDataset, batch_size: int = 1024) -> Evaluation:
     """Evaluate ``model`` (already loaded) on every client's held-out split in one pass."""
     model.eval()
     n = int(data.y_test.shape[0])
