@@ -23,8 +23,9 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     """Simulate and serve federated learning."""
@@ -32,6 +33,9 @@ def _root(
         from importlib.metadata import version as pkg_version
 
         typer.echo(f"asyncfl {pkg_version('asyncfl')}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
         raise typer.Exit()
 
 

@@ -134,17 +134,20 @@ def _build_dataclass(
             )
         )
     kwargs: dict[str, Any] = {}
-    before = len(problems)
+    broken = False
     for name in fields:
         if name in value:
             kwargs[name] = _build(hints[name], value[name], _join(path, name), problems)
-    if len(problems) > before:
+            broken = broken or (kwargs[name] is None and value[name] is not None)
+    if broken or unknown:
         return None
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         problems.append(ConfigProblem(path or "<root>", dict(value), str(exc)))
         return None
+    # Range problems do not stop the parent from being built and checked too, so one pass
+    # reports every bad field.
     validate = getattr(obj, "validate", None)
     if callable(validate):
         for p in validate():

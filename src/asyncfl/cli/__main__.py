@@ -1,0 +1,3 @@
+from asyncfl.cli.main import main
+
+main()
