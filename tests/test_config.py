@@ -68,7 +68,7 @@ def test_range_checks_run_when_types_are_right() -> None:
 
 
 def test_unknown_algorithm_name() -> None:
-    with pytest.raises(ConfigError, match="algorithm.name: got 'fedprox'"):
+    with pytest.raises(ConfigError, match=r"algorithm\.name: got 'fedprox'"):
         build_config(SimConfig, {"algorithm": {"name": "fedprox"}})
 
 
@@ -85,7 +85,7 @@ def test_overrides() -> None:
     assert data == {"algorithm": {"name": "fedbuff"}}  # input untouched
     cfg = build_config(SimConfig, out)
     assert cfg.algorithm.buffer_size == 3 and cfg.model.hidden == (8, 4) and cfg.seed == 5  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         apply_overrides({}, ["novalue"])
     with pytest.raises(ConfigError, match="is not a mapping"):
         apply_overrides({"seed": 1}, ["seed.x=2"])

@@ -15,8 +15,19 @@ class ModelConfig:
     name: Literal["logistic", "mlp", "cnn", "lstm"] = "mlp"
     hidden: tuple[int, ...] = (64,)
     """Hidden widths of the MLP."""
+    width: Literal["full", "small"] = "full"
+    """CNN size: LEAF's FEMNIST CNN (``full``, 6.6M parameters) or a narrow one for CPU runs."""
+    embed_dim: int = 8
+    """LSTM: character embedding size (LEAF: 8)."""
+    lstm_hidden: int = 256
+    """LSTM: hidden units per layer (LEAF: 256)."""
+    lstm_layers: int = 2
 
     def validate(self) -> list[ConfigProblem]:
+        out: list[ConfigProblem] = []
         if any(h < 1 for h in self.hidden):
-            return [ConfigProblem("hidden", list(self.hidden), "a list of integers >= 1")]
-        return []
+            out.append(ConfigProblem("hidden", list(self.hidden), "a list of integers >= 1"))
+        for name in ("embed_dim", "lstm_hidden", "lstm_layers"):
+            if getattr(self, name) < 1:
+                out.append(ConfigProblem(name, getattr(self, name), "an integer >= 1"))
+        return out

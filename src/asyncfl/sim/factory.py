@@ -43,6 +43,10 @@ def build_simulator(
         data.input_shape,
         data.num_classes,
         hidden=cfg.model.hidden,
+        width=cfg.model.width,
+        embed_dim=cfg.model.embed_dim,
+        lstm_hidden=cfg.model.lstm_hidden,
+        lstm_layers=cfg.model.lstm_layers,
         seed=derive_seed(cfg.seed, "model_init"),
     )
     trainer = LocalTrainer(model, cfg.client)
