@@ -89,3 +89,12 @@ def test_overrides() -> None:
         apply_overrides({}, ["novalue"])
     with pytest.raises(ConfigError, match="is not a mapping"):
         apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_config_reference_doc_is_current() -> None:
+    from asyncfl.cli.configdoc import render_config_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == render_config_reference(SimConfig), (
+        "docs/config.md is stale: run `.venv/bin/asyncfl config-doc > docs/config.md`"
+    )

@@ -25,11 +25,15 @@ __all__ = ["FedAsyncConfig", "make_fedasync"]
 @dataclass(frozen=True)
 class FedAsyncConfig:
     name: Literal["fedasync"] = "fedasync"
+    """Selects FedAsync."""
     concurrency: int = 100
+    """Clients training at any time."""
     mixing_rate: float = 0.6
     """alpha in (0, 1]."""
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    """Staleness function s(t) multiplying the mixing rate."""
     max_staleness: int | None = None
+    """Reject updates staler than this; null accepts all."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []

@@ -27,6 +27,7 @@ __all__ = ["FedAvg", "FedAvgConfig"]
 @dataclass(frozen=True)
 class FedAvgConfig:
     name: Literal["fedavg"] = "fedavg"
+    """Selects synchronous FedAvg."""
     cohort_size: int = 10
     """C: updates that close a round."""
     over_selection: float = 0.0
@@ -36,6 +37,7 @@ class FedAvgConfig:
     min_updates: int = 1
     """Fewest updates a round closed by its deadline (or by dropouts) may step with."""
     example_weighting: ExampleWeighting = "linear"
+    """Weight of each update in the mean: linear = example-weighted (McMahan et al.)."""
 
     @property
     def selection_size(self) -> int:

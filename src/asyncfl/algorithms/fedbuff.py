@@ -30,13 +30,17 @@ __all__ = ["FedBuff", "FedBuffConfig"]
 @dataclass(frozen=True)
 class FedBuffConfig:
     name: Literal["fedbuff"] = "fedbuff"
+    """Selects FedBuff."""
     concurrency: int = 100
     """Mc: clients training at any time (kept by the driver)."""
     buffer_size: int = 10
     """K: updates per server step."""
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    """Staleness weighting of each update."""
     max_staleness: int | None = None
+    """Reject (and count) updates staler than this; null accepts all."""
     example_weighting: ExampleWeighting = "equal"
+    """Per-update weight from its example count: equal (the paper), linear, sqrt, log."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []

@@ -115,6 +115,15 @@ def simulate(
     typer.echo(json.dumps(summary["final"], indent=None))
 
 
+@app.command("config-doc")
+def config_doc() -> None:
+    """Print the config reference (Markdown) generated from the config classes."""
+    from asyncfl.cli.configdoc import render_config_reference
+    from asyncfl.sim.config import SimConfig
+
+    typer.echo(render_config_reference(SimConfig), nl=False)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -70,14 +70,23 @@ class ServerOptimizerConfig:
     """
 
     name: ServerOptimizerName = "sgd"
+    """sgd (FedAvg), momentum (FedAvgM), adam, yogi, adagrad (Reddi et al. 2021)."""
     lr: float = 1.0
+    """Server learning rate; 1.0 with sgd applies the mean client delta as is."""
     momentum: float = 0.9
+    """Momentum coefficient of ``momentum`` (FedAvgM)."""
     nesterov: bool = False
+    """Nesterov momentum (``momentum`` only)."""
     beta1: float = 0.9
+    """First-moment decay of adam/yogi/adagrad."""
     beta2: float = 0.99
+    """Second-moment decay of adam/yogi."""
     tau: float = 1e-3
+    """Adaptivity: added to sqrt(v) in the adaptive methods."""
     initial_accumulator: float | None = None
+    """Initial v of the adaptive methods; null means tau**2."""
     bias_correction: bool = False
+    """Adam-style bias correction (adam, yogi); Reddi et al. use none."""
 
     def validate(self, path: str = "") -> list[ConfigProblem]:
         """Every problem with this config (empty if it is usable); ``path`` prefixes field names."""

@@ -17,20 +17,24 @@ DatasetName = Literal["synthetic", "digits", "femnist", "shakespeare", "fashion_
 @dataclass(frozen=True)
 class DataConfig:
     name: DatasetName = "synthetic"
+    """synthetic: FedProx Synthetic(alpha, beta); digits / fashion_mnist: Dirichlet label partition; femnist: one client per writer; shakespeare: one client per (play, role)."""
     num_clients: int = 100
     """Clients to generate (synthetic, digits, fashion_mnist) or the most to keep (femnist,
-    shakespeare; null there keeps every writer / role)."""
+    shakespeare; see ``all_clients``)."""
     synthetic_alpha: float = 1.0
     """FedProx Synthetic(alpha, beta): model heterogeneity."""
     synthetic_beta: float = 1.0
     """FedProx Synthetic(alpha, beta): feature heterogeneity."""
     synthetic_iid: bool = False
+    """Synthetic-IID: one shared model and feature distribution."""
     size_mean: float = 4.0
     """log-mean of the lognormal (power-law-like) client sizes of the synthetic data."""
     size_sigma: float = 1.0
+    """log-std of the synthetic client sizes."""
     dirichlet_alpha: float = 0.5
     """Label skew of Dirichlet partitions (digits, fashion_mnist): small = very non-IID."""
     test_fraction: float = 0.2
+    """Share of each client's examples held out for per-client evaluation."""
     path: str | None = None
     """Data file or folder (femnist: the .npz); default: ../shared/data/... beside the repo."""
     seq_len: int = 80

@@ -13,6 +13,7 @@ __all__ = ["ModelConfig"]
 @dataclass(frozen=True)
 class ModelConfig:
     name: Literal["logistic", "mlp", "cnn", "lstm"] = "mlp"
+    """logistic regression, MLP, LEAF FEMNIST CNN, or LEAF character LSTM."""
     hidden: tuple[int, ...] = (64,)
     """Hidden widths of the MLP."""
     width: Literal["full", "small"] = "full"
@@ -22,6 +23,7 @@ class ModelConfig:
     lstm_hidden: int = 256
     """LSTM: hidden units per layer (LEAF: 256)."""
     lstm_layers: int = 2
+    """LSTM: stacked layers (LEAF: 2)."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []

@@ -12,6 +12,7 @@ from asyncfl.data.registry import DataConfig
 from asyncfl.errors import ConfigProblem
 from asyncfl.models.config import ModelConfig
 from asyncfl.sim.devices import SyntheticPopulationConfig
+from asyncfl.sim.phones import PhonePopulationConfig
 from asyncfl.training.config import ClientConfig
 
 __all__ = ["PopulationConfig", "RunConfig", "SimConfig"]
@@ -19,22 +20,33 @@ __all__ = ["PopulationConfig", "RunConfig", "SimConfig"]
 
 @dataclass(frozen=True)
 class PopulationConfig:
-    kind: Literal["synthetic"] = "synthetic"
+    kind: Literal["synthetic", "phones"] = "synthetic"
+    """synthetic: lognormal device speeds; phones: the real phone population (FLASH trace),
+    falling back to synthetic with a message when its files are absent."""
     synthetic: SyntheticPopulationConfig = field(default_factory=SyntheticPopulationConfig)
+    """Parameters of the synthetic population (also the fallback of ``phones``)."""
+    phones: PhonePopulationConfig = field(default_factory=PhonePopulationConfig)
+    """Parameters of the real phone population."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
     max_server_steps: int | None = 100
+    """Stop after this many server steps (model versions)."""
     max_client_updates: int | None = None
+    """Stop after this many accepted client updates."""
     max_sim_time_s: float | None = None
+    """Stop at this simulated time (seconds)."""
     eval_every: int = 10
     """Evaluate every this many server steps (and always at the end)."""
     eval_batch_size: int = 2048
+    """Batch size of evaluation."""
     target_metric: str | None = None
     """Stop once this evaluation metric reaches ``target_value``."""
     target_value: float | None = None
+    """Value of ``target_metric`` that ends the run."""
     target_mode: Literal["max", "min"] = "max"
+    """max: stop when metric >= target (accuracy); min: when <= (perplexity)."""
     torch_threads: int = 1
     """Intra-op threads while the run trains. Clients train one small batch at a time, where
     extra threads only add synchronisation (measured 28x slower with 2 threads on 2 busy
@@ -74,10 +86,18 @@ class RunConfig:
 @dataclass(frozen=True)
 class SimConfig:
     seed: int = 0
+    """Seeds every random stream (data, devices, selection, training); same seed, same run."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and its client partition."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
     client: ClientConfig = field(default_factory=ClientConfig)
+    """Local training on each client."""
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    """How the server applies the aggregated delta."""
     algorithm: AlgorithmConfig = field(default_factory=FedBuffConfig)
+    """fedbuff, fedavg or fedasync, chosen by ``name``."""
     population: PopulationConfig = field(default_factory=PopulationConfig)
+    """Devices: speed, bandwidth, availability, dropouts."""
     run: RunConfig = field(default_factory=RunConfig)
+    """When to stop and how often to evaluate."""

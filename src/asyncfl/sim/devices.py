@@ -33,6 +33,7 @@ I64 = npt.NDArray[np.int64]
 @dataclass(frozen=True)
 class AvailabilityConfig:
     kind: Literal["always", "daily"] = "daily"
+    """always: every device always online; daily: one window a day, mostly at night."""
     mean_fraction: float = 0.5
     """Mean fraction of the day a client is online (Beta-distributed across clients)."""
     peak_hour: float = 2.0
@@ -58,15 +59,19 @@ class SyntheticPopulationConfig:
     sec_per_example: float = 0.02
     """Compute seconds per example of a speed-factor-1 device (phones: ~15-200 ms)."""
     speed_mu: float = 1.0
+    """mu of the lognormal speed factor (FedScale: 1)."""
     speed_sigma: float = 0.6
+    """sigma of the lognormal speed factor (FedScale: 0.6): the spread of device speeds."""
     downlink_mbps: float = 8.0
     """Median downlink in Mbit/s (FLASH profiles: 2.4-17)."""
     uplink_mbps: float = 2.0
     """Median uplink in Mbit/s (FLASH profiles: 0.4-6.6)."""
     bandwidth_sigma: float = 0.5
+    """log-std of per-device bandwidth around the medians."""
     dropout_prob: float = 0.0
     """Probability that a client abandons a task at a uniformly random moment of it."""
     availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
+    """When each device is online."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
@@ -122,11 +127,12 @@ class DevicePopulation:
         return np.where(length >= DAY_S, np.inf, end)
 
     def next_online(self, t: float, clients: I64) -> F64:
-        """Earliest time >= t at which each client is online."""
+        """Earliest time >= t at which each client is online (inf: never)."""
         start = self.window_start_s[clients]
         length = self.window_length_s[clients]
         into = (t - start) % DAY_S
-        return np.where(into < length, t, t + (DAY_S - into))
+        nxt = np.where(into < length, t, t + (DAY_S - into))
+        return np.where(length <= 0, np.inf, nxt)  # a zero-length window never opens
 
     def transfer_seconds(
         self, clients: I64, bytes_down: int, bytes_up: int, rng: np.random.Generator

@@ -10,10 +10,12 @@ from asyncfl.algorithms.fedavg import FedAvgConfig
 from asyncfl.core.params import ParamSpec
 from asyncfl.core.server_opt import make_server_optimizer
 from asyncfl.data.federated import FederatedDataset
-from asyncfl.data.registry import load_dataset
+from asyncfl.data.registry import default_shared_data, load_dataset
+from asyncfl.errors import DataError
 from asyncfl.models.registry import build_model
 from asyncfl.sim.config import SimConfig
 from asyncfl.sim.devices import DevicePopulation, synthetic_population
+from asyncfl.sim.phones import load_phone_population
 from asyncfl.sim.seeding import derive_seed, rng_for
 from asyncfl.sim.simulator import Simulator
 from asyncfl.training.local import LocalTrainer
@@ -22,8 +24,15 @@ __all__ = ["build_population", "build_simulator"]
 
 
 def build_population(cfg: SimConfig, size: int, log: Callable[[str], None]) -> DevicePopulation:
-    del log  # the synthetic population has nothing to report
-    return synthetic_population(cfg.population.synthetic, size, rng_for(cfg.seed, "population"))
+    rng = rng_for(cfg.seed, "population")
+    if cfg.population.kind == "phones":
+        try:
+            return load_phone_population(
+                cfg.population.phones, size, rng, default_shared_data() / "devices", log=log
+            )
+        except DataError as exc:
+            log(f"{exc}\nFalling back to the synthetic device population.")
+    return synthetic_population(cfg.population.synthetic, size, rng)
 
 
 def build_simulator(

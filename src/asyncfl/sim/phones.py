@@ -33,10 +33,11 @@ How each per-client array of :class:`DevicePopulation` is derived:
 * **Availability** (``window_start_s``/``window_length_s``). A device is eligible only while
   charging (and idle, on Wi-Fi), so ``battery_charged_on_duration / 604800 s`` (one week) is
   its fraction of the day online. It gets one daily window of that length centred at
-  ``peak_hour + spread_hours * N(0, 1)`` hours: 02:00 (night charging) with a spread fitted to
-  the amplitude of FedScale's measured daily cycle (see ``spread_hours``). Devices that never charge get a
-  zero-length window: never online, but kept, because real populations contain them. Devices
-  charging more than a week's worth (a trace artefact) are clipped to always online.
+  ``peak_hour + spread_hours * N(0, 1)`` hours: 02:00 (night charging), with a spread fitted
+  to the amplitude of FedScale's measured daily cycle (see ``spread_hours``). Devices that
+  never charge get a zero-length window: never online, but kept, because real populations
+  contain them. Devices charging more than a week's worth (7 of them, a trace artefact) are
+  clipped to always online.
 * **Scaling**: clients sample devices (and profiles, and window centres) with replacement.
 """
 
@@ -121,7 +122,9 @@ class PhonePopulationConfig:
                 ConfigProblem("max_sec_per_example", hi, "a finite number >= min_sec_per_example")
             )
         if not 0.0 <= self.anchor_quantile < 0.5:
-            out.append(ConfigProblem("anchor_quantile", self.anchor_quantile, "a number in [0, 0.5)"))
+            out.append(
+                ConfigProblem("anchor_quantile", self.anchor_quantile, "a number in [0, 0.5)")
+            )
         if self.missing_score not in ("skip", "impute_median"):
             out.append(
                 ConfigProblem("missing_score", self.missing_score, "'skip' or 'impute_median'")
@@ -163,7 +166,8 @@ class PhoneTrace:
     @property
     def jitter(self) -> float:
         """Mean relative std of bandwidth over profiles and both directions."""
-        ratios = np.concatenate([self.down_sigma_kbps / self.down_kbps, self.up_sigma_kbps / self.up_kbps])
+        down = self.down_sigma_kbps / self.down_kbps
+        ratios = np.concatenate([down, self.up_sigma_kbps / self.up_kbps])
         return float(ratios.mean())
 
 
@@ -288,7 +292,8 @@ def _read_profiles(path: Path) -> tuple[tuple[str, ...], F64, tuple[str, ...]]:
 def score_to_sec_per_example(
     scores: F64, anchors: tuple[float, float], min_spe: float, max_spe: float
 ) -> F64:
-    """The log-linear map of the module docstring: ``anchors[0]`` costs ``max_spe``, ``[1]`` ``min_spe``.
+    """The log-linear map of the module docstring: score ``anchors[0]`` (and below) costs
+    ``max_spe``, score ``anchors[1]`` (and above) ``min_spe``.
 
     Equal anchors (a one-chip population) give every device the geometric mean of the range.
     """

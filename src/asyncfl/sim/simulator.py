@@ -204,7 +204,7 @@ class Simulator:
         if idle.size == 0:
             return
         nxt = self.pop.next_online(t, idle)
-        later = nxt[nxt > t]
+        later = nxt[np.isfinite(nxt) & (nxt > t)]
         if later.size == 0:
             return
         self._wake_pending = True

@@ -19,10 +19,15 @@ class ClientConfig:
     steps: int | None = None
     """Exact number of minibatch steps instead of epochs (cycles over the data)."""
     batch_size: int = 32
+    """Minibatch size (a client with fewer examples uses one full batch)."""
     lr: float = 0.05
+    """Client learning rate."""
     optimizer: Literal["sgd", "adam"] = "sgd"
+    """Client optimizer; its state is reset for every update."""
     momentum: float = 0.0
+    """SGD momentum of the client optimizer."""
     weight_decay: float = 0.0
+    """L2 weight decay of the client optimizer."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
