@@ -59,7 +59,8 @@ class StalenessConfig:
     ``b`` the hinge's grace period in versions. ``constant`` ignores both."""
 
     kind: StalenessKind = "polynomial"
-    """constant: 1; polynomial: (1+s)^-a (FedBuff); hinge: 1 if s <= b else 1/(a(s-b)+1) (FedAsync)."""
+    """constant: 1; polynomial: (1+s)^-a (FedBuff); hinge: 1 if s <= b else 1/(a(s-b)+1)
+    (FedAsync)."""
     a: float = 0.5
     """Exponent (polynomial) or slope (hinge; the FedAsync paper uses 10)."""
     b: int = 4

@@ -17,7 +17,8 @@ DatasetName = Literal["synthetic", "digits", "femnist", "shakespeare", "fashion_
 @dataclass(frozen=True)
 class DataConfig:
     name: DatasetName = "synthetic"
-    """synthetic: FedProx Synthetic(alpha, beta); digits / fashion_mnist: Dirichlet label partition; femnist: one client per writer; shakespeare: one client per (play, role)."""
+    """synthetic: FedProx Synthetic(alpha, beta); digits / fashion_mnist: Dirichlet label
+    partition; femnist: one client per writer; shakespeare: one client per (play, role)."""
     num_clients: int = 100
     """Clients to generate (synthetic, digits, fashion_mnist) or the most to keep (femnist,
     shakespeare; see ``all_clients``)."""
