@@ -181,3 +181,34 @@ def test_config_validation_reports_every_field() -> None:
         cohort_size=2, over_selection=-1, round_deadline_s=0, min_updates=5
     ).validate()
     assert {p.path for p in probs} == {"over_selection", "round_deadline_s", "min_updates"}
+
+
+def test_on_aggregate_steps_with_a_sum_computed_elsewhere() -> None:
+    alg = FedAvg(FedAvgConfig(cohort_size=3), X0, _opt(0.5))
+    s = _vec(3, 0, -6, 1, 2)  # sum_i n_i delta_i of 3 updates with 12 examples in all
+    out = alg.on_aggregate(0, s, 12.0, 3)
+    assert out.step is not None and alg.version == 1
+    np.testing.assert_allclose(alg.params, X0 - 0.5 * s / 12, rtol=1e-6)
+    late = alg.on_aggregate(0, s, 12.0, 3)
+    assert not late.accepted and late.reason == "late" and alg.version == 1
+    bad = alg.on_aggregate(1, np.full(DIM, np.nan, np.float32), 1.0, 1)
+    assert not bad.accepted and bad.reason == "not_finite" and alg.version == 1
+
+
+def test_custom_finalizer_receives_sum_total_and_count() -> None:
+    seen: list[tuple[float, int]] = []
+
+    def fixed_denominator(weighted_sum: np.ndarray, total: float, count: int) -> np.ndarray:
+        seen.append((total, count))
+        return (weighted_sum / 10.0).astype(np.float32)
+
+    alg = FedBuff(
+        FedBuffConfig(buffer_size=2, staleness=StalenessConfig(kind="constant")),
+        X0,
+        _opt(),
+        finalize=fixed_denominator,
+    )
+    alg.on_update(_upd(0, 0, 3, _vec(1, 1, 1, 1, 1)))
+    alg.on_update(_upd(1, 0, 5, _vec(3, 0, 0, 0, 0)))
+    assert seen == [(2.0, 2)]
+    np.testing.assert_allclose(alg.params, X0 - _vec(4, 1, 1, 1, 1) / 10, rtol=1e-6)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -19,9 +19,26 @@ from asyncfl.core.update import FloatVector, Update
 from asyncfl.core.weights import WeightedSum
 from asyncfl.errors import UpdateRejected
 
-__all__ = ["Aggregator", "Outcome", "StepInfo"]
+__all__ = ["Aggregator", "Finalizer", "Outcome", "StepInfo", "weighted_mean"]
 
 FlushStatus = Literal["stepped", "zero_weight"]
+
+
+class Finalizer(Protocol):
+    """Turns a buffer's weighted sum into the pseudo-gradient of one server step.
+
+    The default is the weighted mean; differential privacy replaces it with "add noise
+    calibrated to the clip norm, divide by a fixed denominator" (``asyncfl.privacy``).
+    """
+
+    def __call__(
+        self, weighted_sum: FloatVector, example_total: float, count: int
+    ) -> FloatVector: ...
+
+
+def weighted_mean(weighted_sum: FloatVector, example_total: float, count: int) -> FloatVector:
+    del count
+    return (weighted_sum / np.float32(example_total)).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -61,7 +78,12 @@ class Aggregator:
     example-weighted mean of the deltas (FedAvg, McMahan et al. 2017, Alg. 1).
     """
 
-    def __init__(self, params: FloatVector, optimizer: ServerOptimizer) -> None:
+    def __init__(
+        self,
+        params: FloatVector,
+        optimizer: ServerOptimizer,
+        finalize: Finalizer | None = None,
+    ) -> None:
         if params.dtype != np.float32 or params.ndim != 1:
             raise ValueError(
                 f"params must be a 1-D float32 vector, got {params.dtype} {params.shape}"
@@ -71,6 +93,7 @@ class Aggregator:
         self._version = 0
         self._buffer = WeightedSum(params.shape[0])
         self._example_total = 0.0
+        self._finalize: Finalizer | None = finalize
         self.rejected: dict[str, int] = {}
         """Count of rejected updates per reason code."""
 
@@ -128,18 +151,47 @@ class Aggregator:
             return None, 0
         if self._example_total <= 0.0:
             return None, self._discard()
-        pseudo_grad = self._buffer.mean(self._example_total)
-        total = self._example_total
+        info = self._step(self._buffer.sum, self._example_total, count)
+        self._discard()
+        return info, 0
+
+    def _step(self, weighted_sum: FloatVector, example_total: float, count: int) -> StepInfo:
+        finalize = self._finalize or weighted_mean
+        pseudo_grad = finalize(weighted_sum, example_total, count)
         self._params = self._optimizer.step(self._params, pseudo_grad)
         self._version += 1
-        self._discard()
-        info = StepInfo(
+        return StepInfo(
             version=self._version,
             num_updates=count,
-            total_weight=total,
+            total_weight=example_total,
             pseudo_grad_norm=float(np.linalg.norm(pseudo_grad.astype(np.float64))),
         )
-        return info, 0
+
+    def on_aggregate(
+        self, base_version: int, weighted_sum: FloatVector, example_total: float, count: int
+    ) -> Outcome:
+        """Step with a sum computed elsewhere (a secure-sum protocol): the aggregator never
+        sees the individual updates, only ``sum_i w_i delta_i`` of ``count`` of them.
+
+        Only a sum computed from the current version is accepted; the buffer must be empty
+        (secure and plaintext updates are never mixed in one step).
+        """
+        if base_version != self._version:
+            return self._reject(
+                "late", f"aggregate of round {base_version}, current version {self._version}"
+            )
+        if self._buffer.count:
+            return self._reject("buffer_not_empty", "plaintext updates are already buffered")
+        if weighted_sum.shape != (self.dim,) or weighted_sum.dtype != np.float32:
+            return self._reject(
+                "bad_shape",
+                f"aggregate {weighted_sum.dtype} {weighted_sum.shape}, model {self.dim}",
+            )
+        if not np.isfinite(weighted_sum).all():
+            return self._reject("not_finite", "aggregate contains NaN or Inf")
+        if count < 1 or not example_total > 0.0:
+            return Outcome(accepted=True, reason="zero_weight", discarded=max(count, 0))
+        return Outcome(accepted=True, step=self._step(weighted_sum, example_total, count))
 
     def on_update(self, update: Update) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asyncfl.algorithms.base import Aggregator
+from asyncfl.algorithms.base import Aggregator, Finalizer
 from asyncfl.algorithms.fedasync import FedAsyncConfig, make_fedasync
 from asyncfl.algorithms.fedavg import FedAvg, FedAvgConfig
 from asyncfl.algorithms.fedbuff import FedBuff, FedBuffConfig
@@ -15,10 +15,13 @@ AlgorithmConfig = FedAvgConfig | FedBuffConfig | FedAsyncConfig
 
 
 def make_aggregator(
-    cfg: AlgorithmConfig, params: FloatVector, optimizer: ServerOptimizer
+    cfg: AlgorithmConfig,
+    params: FloatVector,
+    optimizer: ServerOptimizer,
+    finalize: Finalizer | None = None,
 ) -> Aggregator:
     if isinstance(cfg, FedAvgConfig):
-        return FedAvg(cfg, params, optimizer)
+        return FedAvg(cfg, params, optimizer, finalize)
     if isinstance(cfg, FedBuffConfig):
-        return FedBuff(cfg, params, optimizer)
-    return make_fedasync(cfg, params, optimizer)
+        return FedBuff(cfg, params, optimizer, finalize=finalize)
+    return make_fedasync(cfg, params, optimizer, finalize)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from asyncfl.algorithms.base import Finalizer
 from asyncfl.algorithms.fedbuff import FedBuff, FedBuffConfig
 from asyncfl.core.server_opt import ServerOptimizer
 from asyncfl.core.update import FloatVector
@@ -52,5 +53,12 @@ class FedAsyncConfig:
         )
 
 
-def make_fedasync(cfg: FedAsyncConfig, params: FloatVector, optimizer: ServerOptimizer) -> FedBuff:
-    return FedBuff(cfg.as_fedbuff(), params, optimizer, mixing_rate=cfg.mixing_rate)
+def make_fedasync(
+    cfg: FedAsyncConfig,
+    params: FloatVector,
+    optimizer: ServerOptimizer,
+    finalize: Finalizer | None = None,
+) -> FedBuff:
+    return FedBuff(
+        cfg.as_fedbuff(), params, optimizer, mixing_rate=cfg.mixing_rate, finalize=finalize
+    )

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from asyncfl.algorithms.base import Aggregator, Outcome
+from asyncfl.algorithms.base import Aggregator, Finalizer, Outcome
 from asyncfl.core.server_opt import ServerOptimizer
 from asyncfl.core.update import FloatVector, Update
 from asyncfl.core.weights import ExampleWeighting, example_weight
@@ -63,8 +63,14 @@ class FedAvgConfig:
 
 
 class FedAvg(Aggregator):
-    def __init__(self, cfg: FedAvgConfig, params: FloatVector, optimizer: ServerOptimizer) -> None:
-        super().__init__(params, optimizer)
+    def __init__(
+        self,
+        cfg: FedAvgConfig,
+        params: FloatVector,
+        optimizer: ServerOptimizer,
+        finalize: Finalizer | None = None,
+    ) -> None:
+        super().__init__(params, optimizer, finalize)
         self.cfg = cfg
 
     def on_update(self, update: Update) -> Outcome:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from asyncfl.algorithms.base import Aggregator, Outcome
+from asyncfl.algorithms.base import Aggregator, Finalizer, Outcome
 from asyncfl.core.server_opt import ServerOptimizer
 from asyncfl.core.update import FloatVector, Update
 from asyncfl.core.weights import ExampleWeighting, StalenessConfig, example_weight
@@ -62,8 +62,9 @@ class FedBuff(Aggregator):
         optimizer: ServerOptimizer,
         *,
         mixing_rate: float = 1.0,
+        finalize: Finalizer | None = None,
     ) -> None:
-        super().__init__(params, optimizer)
+        super().__init__(params, optimizer, finalize)
         self.cfg = cfg
         # FedAsync's alpha: a constant factor on every staleness weight.
         self._mixing_rate = mixing_rate
