@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from asyncfl.core.configload import build_config
+from asyncfl.core.configload import build_config, to_plain
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.registry import default_shared_data
 from asyncfl.errors import ConfigError
@@ -32,7 +32,6 @@ from asyncfl.sim.simulator import Progress, SimResult
 from asyncfl.training.config import ClientConfig
 
 __all__ = [
-    "Availability",
     "RunOutcome",
     "RunSpec",
     "client_durations",
@@ -46,7 +45,6 @@ __all__ = [
     "write_json",
 ]
 
-Availability = Literal["trace", "always"]
 F64 = npt.NDArray[np.float64]
 
 
@@ -77,23 +75,24 @@ def slug(label: str) -> str:
 def phones_population(
     cfg: SimConfig,
     size: int,
-    availability: Availability,
+    phones: PhonePopulationConfig,
     log: Callable[[str], None],
 ) -> tuple[SimConfig, DevicePopulation]:
-    """``cfg`` with the real phone population selected, and that population for ``size`` clients.
+    """``cfg`` with the real phone population ``phones`` selected, and that population for
+    ``size`` clients.
 
     Preferred path: ``population.kind: phones`` in :class:`SimConfig` (built by the simulator
     factory). If this build of asyncfl does not accept that kind yet, the FLASH trace is loaded
     directly with :func:`load_phone_population` (same devices, same mapping) and ``cfg`` keeps
     its population section; ``log`` says which path was taken.
     """
-    phones: dict[str, Any] = {"availability": availability}
+    section = {"kind": "phones", "phones": to_plain(phones)}
     try:
-        pop_cfg = build_config(SimConfig, {"population": {"kind": "phones", "phones": phones}})
+        pop_cfg = build_config(SimConfig, {"population": section})
     except ConfigError:
         log("population.kind 'phones' not accepted by SimConfig yet: loading the FLASH trace directly")
         pop = load_phone_population(
-            PhonePopulationConfig(availability=availability),
+            phones,
             size,
             rng_for(cfg.seed, "population"),
             default_shared_data() / "devices",

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -365,22 +365,44 @@ class PrivacyAccountant:
         def fits(n: int) -> bool:
             return self.epsilon_after(n) <= budget
 
-        if not fits(1):
-            return 0
-        lo, hi = 1, 2  # invariant: fits(lo); hi is the next candidate
-        while hi <= limit and fits(hi):
-            lo, hi = hi, hi * 2
-        if hi > limit:
-            if fits(limit):
+        if not fits(0):
+            return 0  # already above (the budget was lowered, or the history changed)
+        guess = 1
+        if self._config.accountant == "pld":
+            # Start where RDP's bound stops (microseconds to find): PLD is usually a bit
+            # tighter, so the search only evaluates PLD near the answer, never at the huge
+            # step counts a blind doubling could reach (each PLD evaluation's time and
+            # memory grow with the step count).
+            delta = self._config.delta
+
+            def fits_rdp(n: int) -> bool:
+                return compute_epsilon(self._runs_plus(n), "rdp", delta) <= budget
+
+            guess = _largest_fitting(fits_rdp, 1, limit)
+        return _largest_fitting(fits, max(guess, 1), limit)
+
+
+def _largest_fitting(fits: Callable[[int], bool], guess: int, limit: int) -> int:
+    """Largest n in [0, limit] with fits(n), given fits(0) and fits monotone decreasing."""
+    guess = min(guess, limit)
+    if fits(guess):
+        lo, step = guess, guess
+        while True:  # gallop up: fits(lo)
+            if lo >= limit:
                 return limit
-            hi = limit
-        while hi - lo > 1:  # fits(lo) and not fits(hi)
-            mid = (lo + hi) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+            hi = min(lo + step, limit)
+            if not fits(hi):
+                break
+            lo, step = hi, step * 2
+    else:
+        lo, hi = 0, guess
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _merge(runs: Sequence[AccountedRun]) -> tuple[AccountedRun, ...]:

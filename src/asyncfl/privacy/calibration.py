@@ -9,6 +9,7 @@ method with a bisection fallback) over the same per-release events the accountan
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 import dp_accounting
@@ -57,21 +58,56 @@ def calibrate_noise_multiplier(
 
     relation = neighboring_relation(sampling)
 
-    def make_accountant() -> dp_accounting.PrivacyAccountant:
-        if accountant == "rdp":
-            return rdp.RdpAccountant(neighboring_relation=relation)
+    def rdp_accountant() -> dp_accounting.PrivacyAccountant:
+        return rdp.RdpAccountant(neighboring_relation=relation)
+
+    def pld_accountant() -> dp_accounting.PrivacyAccountant:
         return pld.PLDAccountant(neighboring_relation=relation)
 
+    # RDP first, searched from z = 0.01 upward: cheap at any z.
+    z_rdp = _calibrate(
+        rdp_accountant, make_event, target_epsilon, delta, tolerance,
+        mechanism_calibration.LowerEndpointAndGuess(1e-2, 1.0), steps, q,
+    )
+    if accountant == "rdp":
+        return z_rdp
+    # PLD's cost (time and memory) explodes as z -> 0 (a PLD at z = 0.01 needs tens of
+    # GB), so never start there: bracket around the RDP answer, which PLD (being tighter)
+    # usually undercuts by well under a factor of 2.
+    def pld_eps(z: float) -> float:
+        return float(pld_accountant().compose(make_event(z)).get_epsilon(delta))
+
+    high = z_rdp
+    for _ in range(8):
+        if pld_eps(high) <= target_epsilon:
+            break
+        high *= 1.5
+    low = high / 2
+    for _ in range(4):
+        if pld_eps(low) > target_epsilon:
+            break
+        low /= 2
+    bracket = mechanism_calibration.ExplicitBracketInterval(low, high)
+    return _calibrate(pld_accountant, make_event, target_epsilon, delta, tolerance, bracket,
+                      steps, q)
+
+
+def _calibrate(
+    make_accountant: Callable[[], dp_accounting.PrivacyAccountant],
+    make_event: Callable[[float], dp_accounting.DpEvent],
+    target_epsilon: float,
+    delta: float,
+    tolerance: float,
+    bracket: mechanism_calibration.BracketInterval,
+    steps: int,
+    q: float,
+) -> float:
     try:
         z = mechanism_calibration.calibrate_dp_mechanism(
-            make_accountant,
-            make_event,
-            target_epsilon,
-            delta,
-            bracket_interval=mechanism_calibration.LowerEndpointAndGuess(1e-2, 1.0),
-            tol=tolerance,
+            make_accountant, make_event, target_epsilon, delta,
+            bracket_interval=bracket, tol=tolerance,
         )
-    except mechanism_calibration.NoBracketIntervalFoundError as exc:
+    except (mechanism_calibration.NoBracketIntervalFoundError, ValueError) as exc:
         raise ValueError(
             f"no noise multiplier reaches epsilon={target_epsilon} at delta={delta} "
             f"after {steps} steps with q={q}; raise the target or lower steps/q"

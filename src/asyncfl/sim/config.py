@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from asyncfl.algorithms.factory import AlgorithmConfig
+from asyncfl.algorithms.fedavg import FedAvgConfig
 from asyncfl.algorithms.fedbuff import FedBuffConfig
 from asyncfl.core.server_opt import ServerOptimizerConfig
 from asyncfl.data.registry import DataConfig
@@ -13,6 +14,7 @@ from asyncfl.errors import ConfigProblem
 from asyncfl.models.config import ModelConfig
 from asyncfl.sim.devices import SyntheticPopulationConfig
 from asyncfl.sim.phones import PhonePopulationConfig
+from asyncfl.sim.secure_rounds import SecureAggregationConfig
 from asyncfl.training.config import ClientConfig
 
 __all__ = ["PopulationConfig", "RunConfig", "SimConfig"]
@@ -101,3 +103,28 @@ class SimConfig:
     """Devices: speed, bandwidth, availability, dropouts."""
     run: RunConfig = field(default_factory=RunConfig)
     """When to stop and how often to evaluate."""
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    """Secure aggregation of synchronous rounds (the server learns only each round's sum)."""
+
+    def validate(self) -> list[ConfigProblem]:
+        out: list[ConfigProblem] = []
+        mode = self.secure_aggregation.mode
+        if mode != "none":
+            if not isinstance(self.algorithm, FedAvgConfig):
+                out.append(
+                    ConfigProblem(
+                        "secure_aggregation.mode",
+                        mode,
+                        f"'none' with algorithm {self.algorithm.name!r}: SecAgg needs synchronous "
+                        "rounds (algorithm.name: fedavg)",
+                    )
+                )
+            elif self.algorithm.example_weighting not in ("equal", "linear"):
+                out.append(
+                    ConfigProblem(
+                        "algorithm.example_weighting",
+                        self.algorithm.example_weighting,
+                        "equal or linear with secure aggregation (integer weights in the ring)",
+                    )
+                )
+        return out

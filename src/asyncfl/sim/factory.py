@@ -16,6 +16,7 @@ from asyncfl.models.registry import build_model
 from asyncfl.sim.config import SimConfig
 from asyncfl.sim.devices import DevicePopulation, synthetic_population
 from asyncfl.sim.phones import load_phone_population
+from asyncfl.sim.secure_rounds import SecureRoundRunner
 from asyncfl.sim.seeding import derive_seed, rng_for
 from asyncfl.sim.simulator import Simulator
 from asyncfl.training.local import LocalTrainer
@@ -64,6 +65,11 @@ def build_simulator(
     optimizer = make_server_optimizer(cfg.server_optimizer, init.shape[0])
     aggregator = make_aggregator(alg, init, optimizer)
     concurrency = alg.selection_size if isinstance(alg, FedAvgConfig) else alg.concurrency
+    secure = None
+    if cfg.secure_aggregation.mode != "none":
+        secure = SecureRoundRunner(
+            cfg.secure_aggregation, init.shape[0], rng_for(cfg.seed, "secagg")
+        )
     return Simulator(
         aggregator=aggregator,
         trainer=trainer,
@@ -74,4 +80,5 @@ def build_simulator(
         algorithm_name=alg.name if not isinstance(alg, FedAsyncConfig) else "fedasync",
         concurrency=concurrency,
         examples_processed=cfg.client.examples_processed,
+        secure=secure,
     )

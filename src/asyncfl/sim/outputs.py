@@ -62,6 +62,7 @@ def summary_dict(cfg: SimConfig, result: SimResult, speed_score: np.ndarray) -> 
             "stop_reason": result.stop_reason,
             "staleness": {str(k): v for k, v in sorted(result.staleness_counts.items())},
             "participation": participation_summary(result, speed_score),
+            "secure_aggregation": result.secure,
             "final": result.final,
         }
     )

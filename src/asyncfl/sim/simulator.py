@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -28,10 +28,13 @@ import torch
 from asyncfl.algorithms.base import Aggregator, Outcome
 from asyncfl.algorithms.fedavg import FedAvg, FedAvgConfig
 from asyncfl.core.update import FloatVector, Update
+from asyncfl.core.weights import example_weight
 from asyncfl.data.federated import FederatedDataset
+from asyncfl.errors import UpdateRejected
 from asyncfl.sim.config import RunConfig
 from asyncfl.sim.devices import DAY_S, DevicePopulation
 from asyncfl.sim.events import EventKind, EventQueue
+from asyncfl.sim.secure_rounds import SecureRoundRunner
 from asyncfl.sim.seeding import derive_seed, rng_for
 from asyncfl.training.evaluate import evaluate
 from asyncfl.training.local import LocalTrainer
@@ -76,6 +79,8 @@ class SimResult:
     final: dict[str, float] = field(default_factory=dict)
     participation: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     staleness_counts: dict[int, int] = field(default_factory=dict)
+    secure: dict[str, object] | None = None
+    """Secure-aggregation protocol statistics (bytes and compute per client and stage)."""
 
 
 @dataclass
@@ -103,6 +108,7 @@ class Simulator:
         algorithm_name: str,
         concurrency: int,
         examples_processed: Callable[[int], int],
+        secure: SecureRoundRunner | None = None,
     ) -> None:
         if population.size != data.num_clients:
             raise ValueError(
@@ -117,6 +123,9 @@ class Simulator:
         self.sync = isinstance(aggregator, FedAvg)
         self.concurrency = concurrency
         self._examples_processed = examples_processed
+        if secure is not None and not self.sync:
+            raise ValueError("secure aggregation rounds need a synchronous (FedAvg) aggregator")
+        self.secure = secure
         self.queue = EventQueue()
         self.busy = np.zeros(data.num_clients, dtype=bool)
         self.train_sizes = data.train_sizes.astype(np.int64)
@@ -266,7 +275,7 @@ class Simulator:
         self.result.train_wall_time_s += time.perf_counter() - t0
         self.result.bytes_up += self.model_bytes
         update = Update(task.client, task.base_version, res.num_examples, res.delta)
-        out = self.agg.on_update(update)
+        out = self._secure_submit(update) if self.secure is not None else self.agg.on_update(update)
         if out.accepted:
             self.result.client_updates += 1
             self.result.participation[task.client] += 1
@@ -279,6 +288,40 @@ class Simulator:
         if self.sync:
             self._round_outstanding -= 1
         return out
+
+    def _secure_submit(self, update: Update) -> Outcome:
+        """The client keeps its encoded update; the aggregator sees only the round's sum."""
+        assert self.secure is not None and isinstance(self.agg, FedAvg)
+        try:
+            update.validate(self.agg.dim, self.agg.version)
+        except UpdateRejected as exc:
+            return Outcome(accepted=False, reason=exc.reason, detail=exc.detail)
+        if update.base_version != self.agg.version:
+            return Outcome(accepted=False, reason="late", detail="round already closed")
+        e = example_weight(self.agg.cfg.example_weighting, update.num_examples)
+        self.secure.submit(update.client_id, update.delta, round(e))
+        if self.secure.count < self.agg.cfg.cohort_size:
+            return Outcome(accepted=True, weight=e)
+        return self._secure_close()
+
+    def _secure_close(self) -> Outcome:
+        assert self.secure is not None
+        count = self.secure.count
+        weighted_sum, total, survivors = self.secure.close()
+        if weighted_sum is None:
+            return Outcome(accepted=True, reason="round_failed", discarded=count)
+        out = self.agg.on_aggregate(self.agg.version, weighted_sum, total, survivors)
+        return replace(out, discarded=out.discarded + count - survivors)
+
+    def _round_deadline(self, version: int) -> Outcome:
+        assert isinstance(self.agg, FedAvg)
+        if self.secure is None:
+            return self.agg.on_deadline(version)
+        if version != self.agg.version:
+            return Outcome(accepted=True)
+        if self.secure.count >= self.agg.cfg.min_updates:
+            return self._secure_close()
+        return Outcome(accepted=True, reason="round_failed", discarded=self.secure.discard())
 
     def _drop(self, tid: int) -> None:
         task = self.tasks.pop(tid, None)
@@ -372,7 +415,7 @@ class Simulator:
                     and isinstance(self.agg, FedAvg)
                     and ev.ref == self.agg.version
                 ):
-                    out = self.agg.on_deadline(ev.ref)
+                    out = self._round_deadline(ev.ref)
                     self._close_round(out, t)
                 if out is not None and out.step is not None:
                     if self.sync and self._round_open:
@@ -390,8 +433,7 @@ class Simulator:
             if self.sync:
                 if self._round_open and self._round_outstanding == 0:
                     # Everyone selected finished or dropped before C updates arrived.
-                    assert isinstance(self.agg, FedAvg)
-                    out = self.agg.on_deadline(self.agg.version)
+                    out = self._round_deadline(self.agg.version)
                     self._close_round(out, t)
                     if out.step is not None:
                         self._after_step(t, progress)
@@ -404,6 +446,8 @@ class Simulator:
         r.server_steps = self.agg.version
         r.stop_reason = self._stop or "done"
         r.rejected = dict(sorted(r.rejected.items()))
+        if self.secure is not None:
+            r.secure = self.secure.stats.summary()
         if not r.history or r.history[-1]["server_steps"] != float(self.agg.version):
             self._evaluate(t)
         r.wall_time_s = time.perf_counter() - wall0

@@ -1,0 +1,1 @@
+"""Reproduced experiments: Papaya's sync-vs-FedBuff table and FedBuff's speedup table."""
