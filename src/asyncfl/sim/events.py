@@ -32,7 +32,8 @@ class Event:
 
 class EventQueue:
     def __init__(self) -> None:
-        self._heap: list[Event] = []
+        # Plain tuples on the heap: dataclass ordering costs a Python call per comparison.
+        self._heap: list[tuple[float, int, EventKind, int]] = []
         self._seq = 0
         self.now = 0.0
 
@@ -43,20 +44,20 @@ class EventQueue:
         if time < self.now:
             raise ValueError(f"event at t={time} is in the past (now={self.now})")
         ev = Event(time, self._seq, kind, ref)
+        heapq.heappush(self._heap, (time, self._seq, kind, ref))
         self._seq += 1
-        heapq.heappush(self._heap, ev)
         return ev
 
     def peek_time(self) -> float | None:
-        return self._heap[0].time if self._heap else None
+        return self._heap[0][0] if self._heap else None
 
     def pop_batch(self) -> list[Event]:
         """All events at the earliest time, in insertion order; advances the clock to it."""
         if not self._heap:
             return []
         first = heapq.heappop(self._heap)
-        batch = [first]
-        while self._heap and self._heap[0].time == first.time:
-            batch.append(heapq.heappop(self._heap))
-        self.now = first.time
+        batch = [Event(*first)]
+        while self._heap and self._heap[0][0] == first[0]:
+            batch.append(Event(*heapq.heappop(self._heap)))
+        self.now = first[0]
         return batch

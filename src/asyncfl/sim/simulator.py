@@ -34,6 +34,7 @@ from asyncfl.errors import UpdateRejected
 from asyncfl.sim.config import RunConfig
 from asyncfl.sim.devices import DAY_S, DevicePopulation
 from asyncfl.sim.events import EventKind, EventQueue
+from asyncfl.sim.online import OnlineTracker
 from asyncfl.sim.secure_rounds import SecureRoundRunner
 from asyncfl.sim.seeding import derive_seed, rng_for
 from asyncfl.training.evaluate import evaluate
@@ -42,6 +43,10 @@ from asyncfl.training.local import LocalTrainer
 __all__ = ["Progress", "SimResult", "Simulator"]
 
 I64 = npt.NDArray[np.int64]
+# Selections of at most this many clients try rejection sampling first, with this many
+# random draws per wanted client before falling back to a full scan.
+_REJECTION_MAX_K = 8
+_REJECTION_TRIES = 16
 # Consecutive wake-ups without being able to start a round before we give up.
 _MAX_IDLE_WAKES = 10_000
 
@@ -134,7 +139,8 @@ class Simulator:
         self._next_task = 0
         self._versions: dict[int, tuple[FloatVector, int]] = {}
         self._select_rng = rng_for(seed, "select")
-        self._always_online = bool((population.window_length_s >= DAY_S).all())
+        self._online = OnlineTracker(population)
+        self._always_online = self._online.always
         self._device_rng = rng_for(seed, "device")
         self._wake_pending = False
         self._idle_wakes = 0
@@ -164,7 +170,7 @@ class Simulator:
     def _candidates(self, t: float) -> I64:
         ok = ~self.busy & self.has_data
         if not self._always_online:
-            ok &= self.pop.available(t)
+            ok &= self._online.at(t)
         return np.flatnonzero(ok)
 
     def _dispatch(self, clients: I64, t: float) -> None:
@@ -199,11 +205,21 @@ class Simulator:
             self.queue.push(finish, EventKind.DROP if dropped else EventKind.FINISH, tid)
 
     def _select(self, t: float, k: int) -> I64:
+        """``k`` distinct idle, online clients with data, uniformly at random (fewer if short)."""
+        if k <= _REJECTION_MAX_K:
+            # Rejection sampling: O(k) expected when eligible clients are not rare, instead of
+            # an O(population) scan for every replacement.
+            online = self._online.at(t)
+            n = self.busy.shape[0]
+            picked: list[int] = []
+            for c in self._select_rng.integers(n, size=_REJECTION_TRIES * k).tolist():
+                if online[c] and not self.busy[c] and self.has_data[c] and c not in picked:
+                    picked.append(c)
+                    if len(picked) == k:
+                        return np.array(sorted(picked), dtype=np.int64)
         cand = self._candidates(t)
         if cand.size <= k:
             return cand
-        if k == 1:  # the common async case: one replacement, O(1) instead of a permutation
-            return cand[self._select_rng.integers(cand.size, size=1)]
         return np.sort(cand[self._select_rng.choice(cand.size, size=k, replace=False)])
 
     def _schedule_wake(self, t: float) -> None:
