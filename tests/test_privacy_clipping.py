@@ -68,7 +68,7 @@ def test_non_finite_or_wrong_dtype_delta_is_refused() -> None:
     with pytest.raises(ValueError, match="NaN"):
         clip_update(np.array([1.0, np.nan], dtype=np.float32), 1.0)
     with pytest.raises(ValueError, match="float32"):
-        clip_update(np.ones(3, dtype=np.float64), 1.0)  # type: ignore[arg-type]
+        clip_update(np.ones(3, dtype=np.float64), 1.0)
     with pytest.raises(ValueError, match="1-D"):
         clip_update(np.ones((2, 2), dtype=np.float32), 1.0)
 

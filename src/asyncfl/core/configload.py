@@ -96,6 +96,8 @@ def _build_union(tp: Any, value: object, path: str, problems: list[ConfigProblem
     if value is None and type(None) in options:
         return None
     classes = [o for o in options if dataclasses.is_dataclass(o)]
+    if len(classes) == 1:  # an optional section: ``Section | None``
+        return _build(classes[0], value, path, problems)
     if classes:
         # A tagged union: pick the dataclass whose ``name`` Literal matches.
         name = value.get("name") if isinstance(value, Mapping) else None

@@ -32,7 +32,7 @@ from asyncfl.core.weights import example_weight
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.errors import UpdateRejected
 from asyncfl.sim.config import RunConfig
-from asyncfl.sim.devices import DAY_S, DevicePopulation
+from asyncfl.sim.devices import DevicePopulation
 from asyncfl.sim.events import EventKind, EventQueue
 from asyncfl.sim.online import OnlineTracker
 from asyncfl.sim.secure_rounds import SecureRoundRunner
