@@ -22,16 +22,21 @@ REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 
 def _config(**kw: Any) -> PrivacyConfig:
     base: dict[str, Any] = {
-        "noise_multiplier": 1.1, "clip_norm": 0.7, "cohort_size": 100,
-        "population": 10_000, "delta": 1e-5,
+        "noise_multiplier": 1.1,
+        "clip_norm": 0.7,
+        "cohort_size": 100,
+        "population": 10_000,
+        "delta": 1e-5,
     }
     base.update(kw)
     return PrivacyConfig(**base)
 
 
 def _reference(kind: str, relation: Any, event: Any, steps: int, delta: float) -> float:
-    acc = rdp.RdpAccountant(neighboring_relation=relation) if kind == "rdp" else (
-        pld.PLDAccountant(neighboring_relation=relation)
+    acc = (
+        rdp.RdpAccountant(neighboring_relation=relation)
+        if kind == "rdp"
+        else (pld.PLDAccountant(neighboring_relation=relation))
     )
     acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
     return float(acc.get_epsilon(delta))
@@ -40,23 +45,61 @@ def _reference(kind: str, relation: Any, event: Any, steps: int, delta: float) -
 G = dp_accounting.GaussianDpEvent
 CASES = [
     # (config overrides, steps, reference accountant, relation, reference event)
-    ({"noise_multiplier": 1.07, "cohort_size": 130, "delta": 1e-6}, 370, "rdp", ADD_REMOVE,
-     dp_accounting.PoissonSampledDpEvent(0.013, G(1.07))),
-    ({"noise_multiplier": 0.93, "cohort_size": 200, "accountant": "pld"}, 150, "pld", ADD_REMOVE,
-     dp_accounting.PoissonSampledDpEvent(0.02, G(0.93))),
-    ({"noise_multiplier": 1.3, "cohort_size": 97, "population": 5003, "sampling": "fixed_size"},
-     210, "rdp", REPLACE_ONE,
-     # Replace-one moves the clipped sum by up to 2C: the event's multiplier is z / 2.
-     dp_accounting.SampledWithoutReplacementDpEvent(5003, 97, G(0.65))),
-    ({"noise_multiplier": 1.21, "cohort_size": 31, "population": 2900,
-      "sampling": "async_approx"}, 480, "rdp", ADD_REMOVE,
-     dp_accounting.PoissonSampledDpEvent(31 / 2900, G(1.21))),
-    ({"noise_multiplier": 1.21, "cohort_size": 31, "population": 2900,
-      "sampling": "async_approx", "accountant": "pld"}, 90, "pld", ADD_REMOVE,
-     dp_accounting.PoissonSampledDpEvent(31 / 2900, G(1.21))),
+    (
+        {"noise_multiplier": 1.07, "cohort_size": 130, "delta": 1e-6},
+        370,
+        "rdp",
+        ADD_REMOVE,
+        dp_accounting.PoissonSampledDpEvent(0.013, G(1.07)),
+    ),
+    (
+        {"noise_multiplier": 0.93, "cohort_size": 200, "accountant": "pld"},
+        150,
+        "pld",
+        ADD_REMOVE,
+        dp_accounting.PoissonSampledDpEvent(0.02, G(0.93)),
+    ),
+    (
+        {"noise_multiplier": 1.3, "cohort_size": 97, "population": 5003, "sampling": "fixed_size"},
+        210,
+        "rdp",
+        REPLACE_ONE,
+        # Replace-one moves the clipped sum by up to 2C: the event's multiplier is z / 2.
+        dp_accounting.SampledWithoutReplacementDpEvent(5003, 97, G(0.65)),
+    ),
+    (
+        {
+            "noise_multiplier": 1.21,
+            "cohort_size": 31,
+            "population": 2900,
+            "sampling": "async_approx",
+        },
+        480,
+        "rdp",
+        ADD_REMOVE,
+        dp_accounting.PoissonSampledDpEvent(31 / 2900, G(1.21)),
+    ),
+    (
+        {
+            "noise_multiplier": 1.21,
+            "cohort_size": 31,
+            "population": 2900,
+            "sampling": "async_approx",
+            "accountant": "pld",
+        },
+        90,
+        "pld",
+        ADD_REMOVE,
+        dp_accounting.PoissonSampledDpEvent(31 / 2900, G(1.21)),
+    ),
     ({"noise_multiplier": 7.3, "sampling": "none"}, 40, "rdp", ADD_REMOVE, G(7.3)),
-    ({"noise_multiplier": 7.3, "sampling": "none", "accountant": "pld"}, 40, "pld", ADD_REMOVE,
-     G(7.3)),
+    (
+        {"noise_multiplier": 7.3, "sampling": "none", "accountant": "pld"},
+        40,
+        "pld",
+        ADD_REMOVE,
+        G(7.3),
+    ),
 ]
 
 
@@ -105,8 +148,11 @@ def test_gaussian_without_amplification_matches_closed_forms() -> None:
 
 def test_fixed_size_full_cohort_is_a_gaussian_with_sensitivity_2c() -> None:
     z, steps = 6.0, 30
-    acc = PrivacyAccountant(_config(noise_multiplier=z, sampling="fixed_size",
-                                    cohort_size=500, population=500, delta=1e-3))
+    acc = PrivacyAccountant(
+        _config(
+            noise_multiplier=z, sampling="fixed_size", cohort_size=500, population=500, delta=1e-3
+        )
+    )
     acc.record_step(steps)
     orders = np.asarray(rdp.RdpAccountant().orders)
     by_hand = rdp.compute_epsilon(orders, steps * orders / (2 * (z / 2) ** 2), 1e-3)[0]
@@ -181,18 +227,35 @@ def test_bad_state_dict_reports_every_problem_and_changes_nothing() -> None:
     bad: Any = {
         "format": 1,
         "runs": [
-            {"sampling": "poisson", "noise_multiplier": -1.0, "cohort_size": 10,
-             "population": 100, "count": 3},
-            {"sampling": "fixed_size", "noise_multiplier": 1.0, "cohort_size": 10,
-             "population": 100, "count": 2},
-            {"sampling": "poisson", "noise_multiplier": 1.0, "cohort_size": 10,
-             "population": 100, "count": 0},
+            {
+                "sampling": "poisson",
+                "noise_multiplier": -1.0,
+                "cohort_size": 10,
+                "population": 100,
+                "count": 3,
+            },
+            {
+                "sampling": "fixed_size",
+                "noise_multiplier": 1.0,
+                "cohort_size": 10,
+                "population": 100,
+                "count": 2,
+            },
+            {
+                "sampling": "poisson",
+                "noise_multiplier": 1.0,
+                "cohort_size": 10,
+                "population": 100,
+                "count": 0,
+            },
         ],
     }
     with pytest.raises(ConfigError) as err:
         acc.load_state_dict(bad)
     assert {p.path for p in err.value.problems} == {
-        "runs[0].noise_multiplier", "runs[1].sampling", "runs[2].count",
+        "runs[0].noise_multiplier",
+        "runs[1].sampling",
+        "runs[2].count",
     }
     assert acc.state_dict() == before
     with pytest.raises(ConfigError):
@@ -210,8 +273,14 @@ def test_bad_state_dict_reports_every_problem_and_changes_nothing() -> None:
 def test_budget_is_never_exceeded_after_any_sequence_of_guarded_steps(
     z: float, cohort: int, budget: float, counts: list[int], sampling: str
 ) -> None:
-    cfg = _config(noise_multiplier=z, cohort_size=cohort, population=2000,
-                  epsilon_budget=budget, sampling=sampling, delta=1e-4)
+    cfg = _config(
+        noise_multiplier=z,
+        cohort_size=cohort,
+        population=2000,
+        epsilon_budget=budget,
+        sampling=sampling,
+        delta=1e-4,
+    )
     acc = PrivacyAccountant(cfg)
     for c in counts:
         before = acc.state_dict()

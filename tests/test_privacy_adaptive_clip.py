@@ -69,8 +69,11 @@ def test_noised_fraction_uses_centred_bits_fixed_denominator_and_sigma_b() -> No
 def _run_lognormal(gamma: float, rounds: int, seed: int) -> tuple[AdaptiveClipState, list[float]]:
     # m = 100 clients per round, σ_b = m / 20 (the paper's default), η = 0.2, start 10x low.
     cfg = AdaptiveClipConfig(
-        initial_clip_norm=0.2, target_quantile=gamma, learning_rate=0.2,
-        clipped_count_stddev=5.0, denominator=100.0,
+        initial_clip_norm=0.2,
+        target_quantile=gamma,
+        learning_rate=0.2,
+        clipped_count_stddev=5.0,
+        denominator=100.0,
     )
     state, rng, noise = AdaptiveClipState(cfg), np.random.default_rng(seed), SeededNoise(seed + 1)
     log_c: list[float] = []
@@ -96,8 +99,13 @@ def test_converges_to_target_quantile_of_lognormal_norms(gamma: float) -> None:
 
 
 def test_state_dict_resumes_the_same_trajectory() -> None:
-    cfg = AdaptiveClipConfig(initial_clip_norm=0.5, target_quantile=0.4, learning_rate=0.3,
-                             clipped_count_stddev=1.5, denominator=20.0)
+    cfg = AdaptiveClipConfig(
+        initial_clip_norm=0.5,
+        target_quantile=0.4,
+        learning_rate=0.3,
+        clipped_count_stddev=1.5,
+        denominator=20.0,
+    )
     sums = [3.5, -2.0, 0.5, 7.0, -9.5, 1.0]
     straight = AdaptiveClipState(cfg)
     noise = SeededNoise(4)
@@ -124,10 +132,18 @@ def test_bad_state_dict_is_refused_and_changes_nothing() -> None:
 
 
 def test_adaptive_config_reports_every_bad_field() -> None:
-    cfg = AdaptiveClipConfig(initial_clip_norm=0.0, target_quantile=1.0, learning_rate=-0.1,
-                             clipped_count_stddev=-1.0, denominator=0.0)
+    cfg = AdaptiveClipConfig(
+        initial_clip_norm=0.0,
+        target_quantile=1.0,
+        learning_rate=-0.1,
+        clipped_count_stddev=-1.0,
+        denominator=0.0,
+    )
     assert {p.path for p in cfg.validate()} == {
-        "initial_clip_norm", "target_quantile", "learning_rate", "clipped_count_stddev",
+        "initial_clip_norm",
+        "target_quantile",
+        "learning_rate",
+        "clipped_count_stddev",
         "denominator",
     }
     with pytest.raises(ConfigError):

@@ -32,8 +32,9 @@ def test_larger_epsilon_needs_less_noise() -> None:
 
 
 def test_pld_variant_meets_target() -> None:
-    z = calibrate_noise_multiplier(3.0, 1e-5, 5, 1.0, sampling="none", accountant="pld",
-                                   tolerance=0.02)
+    z = calibrate_noise_multiplier(
+        3.0, 1e-5, 5, 1.0, sampling="none", accountant="pld", tolerance=0.02
+    )
     acc = pld.PLDAccountant()
     acc.compose(dp_accounting.GaussianDpEvent(z), 5)
     assert acc.get_epsilon(1e-5) <= 3.0
@@ -53,15 +54,18 @@ def test_fixed_size_full_cohort_needs_twice_the_noise_of_add_remove() -> None:
     assert rdp.compute_epsilon(orders, 40 * orders / (2 * (zf / 2) ** 2), 1e-5)[0] <= 4.0
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"target_epsilon": 0.0}, "target_epsilon"),
-    ({"delta": 1.0}, "delta"),
-    ({"steps": 0}, "steps"),
-    ({"q": 0.0}, "q="),
-    ({"sampling": "fixed_size"}, "population"),
-    ({"sampling": "fixed_size", "population": 333}, "whole cohort"),
-    ({"sampling": "fixed_size", "accountant": "pld", "population": 1000}, "rdp"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"target_epsilon": 0.0}, "target_epsilon"),
+        ({"delta": 1.0}, "delta"),
+        ({"steps": 0}, "steps"),
+        ({"q": 0.0}, "q="),
+        ({"sampling": "fixed_size"}, "population"),
+        ({"sampling": "fixed_size", "population": 333}, "whole cohort"),
+        ({"sampling": "fixed_size", "accountant": "pld", "population": 1000}, "rdp"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs: dict[str, object], match: str) -> None:
     args: dict[str, object] = {"target_epsilon": 2.0, "delta": 1e-5, "steps": 10, "q": 0.01}
     args.update(kwargs)

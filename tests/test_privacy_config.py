@@ -12,7 +12,10 @@ from asyncfl.errors import ConfigError
 from asyncfl.privacy import PrivacyAccountant, PrivacyConfig, update_noise_multiplier
 
 GOOD: dict[str, Any] = {
-    "noise_multiplier": 1.1, "clip_norm": 0.7, "cohort_size": 100, "population": 10_000,
+    "noise_multiplier": 1.1,
+    "clip_norm": 0.7,
+    "cohort_size": 100,
+    "population": 10_000,
     "delta": 1e-5,
 }
 
@@ -23,21 +26,46 @@ def _paths(cfg: PrivacyConfig) -> set[str]:
 
 def test_good_config_has_no_problems() -> None:
     assert PrivacyConfig(**GOOD).validate() == []
-    PrivacyConfig(**GOOD, clipping="adaptive", accountant="pld", sampling="none",
-                  noise_source="seeded", epsilon_budget=4.0).check()
+    PrivacyConfig(
+        **GOOD,
+        clipping="adaptive",
+        accountant="pld",
+        sampling="none",
+        noise_source="seeded",
+        epsilon_budget=4.0,
+    ).check()
 
 
 def test_every_bad_field_is_reported_at_once() -> None:
     cfg = PrivacyConfig(
-        noise_multiplier=-1.0, clip_norm=0.0, cohort_size=0, population=-5, delta=2.0,
-        epsilon_budget=-1.0, clipping="sometimes",  # type: ignore[arg-type]
-        target_quantile=1.5, clip_learning_rate=0.0, clipped_count_stddev=-1.0,
-        accountant="moments", sampling="random", noise_source="urandom",  # type: ignore[arg-type]
+        noise_multiplier=-1.0,
+        clip_norm=0.0,
+        cohort_size=0,
+        population=-5,
+        delta=2.0,
+        epsilon_budget=-1.0,
+        clipping="sometimes",  # type: ignore[arg-type]
+        target_quantile=1.5,
+        clip_learning_rate=0.0,
+        clipped_count_stddev=-1.0,
+        accountant="moments",  # type: ignore[arg-type]
+        sampling="random",  # type: ignore[arg-type]
+        noise_source="urandom",  # type: ignore[arg-type]
     )
     assert _paths(cfg) == {
-        "noise_multiplier", "clip_norm", "cohort_size", "population", "delta",
-        "epsilon_budget", "clipping", "target_quantile", "clip_learning_rate",
-        "clipped_count_stddev", "accountant", "sampling", "noise_source",
+        "noise_multiplier",
+        "clip_norm",
+        "cohort_size",
+        "population",
+        "delta",
+        "epsilon_budget",
+        "clipping",
+        "target_quantile",
+        "clip_learning_rate",
+        "clipped_count_stddev",
+        "accountant",
+        "sampling",
+        "noise_source",
     }
     with pytest.raises(ConfigError) as err:
         cfg.check()
@@ -45,13 +73,16 @@ def test_every_bad_field_is_reported_at_once() -> None:
     assert "noise_multiplier: got -1.0" in str(err.value)
 
 
-@pytest.mark.parametrize("overrides,path", [
-    ({"cohort_size": 20_000}, "cohort_size"),                     # more than the population
-    ({"delta": 2e-4}, "delta"),                                   # >= 1 / population
-    ({"accountant": "pld", "sampling": "fixed_size"}, "accountant"),
-    ({"clipping": "adaptive", "clipped_count_stddev": 0.5}, "clipped_count_stddev"),
-    ({"clipping": "adaptive", "cohort_size": 10}, "clipped_count_stddev"),  # default m/20 = 0.5
-])
+@pytest.mark.parametrize(
+    "overrides,path",
+    [
+        ({"cohort_size": 20_000}, "cohort_size"),  # more than the population
+        ({"delta": 2e-4}, "delta"),  # >= 1 / population
+        ({"accountant": "pld", "sampling": "fixed_size"}, "accountant"),
+        ({"clipping": "adaptive", "clipped_count_stddev": 0.5}, "clipped_count_stddev"),
+        ({"clipping": "adaptive", "cohort_size": 10}, "clipped_count_stddev"),  # default m/20 = 0.5
+    ],
+)
 def test_cross_field_problems(overrides: dict[str, Any], path: str) -> None:
     assert _paths(PrivacyConfig(**{**GOOD, **overrides})) == {path}
 
@@ -83,13 +114,34 @@ def test_builds_from_plain_data_with_field_paths() -> None:
 
 def test_public_names_are_exactly_what_we_mean() -> None:
     assert set(privacy.__all__) == {
-        "AccountantKind", "AccountedRun", "AdaptiveClipConfig", "AdaptiveClipState",
-        "AdaptiveClipStateDict", "ClippingMode", "NoiseSource", "NoiseSourceKind",
-        "PrivacyAccountant", "PrivacyAccountantStateDict", "PrivacyConfig", "Release",
-        "SamplingScheme", "SecureNoise", "SeededNoise", "calibrate_noise_multiplier",
-        "centred_unclipped_bit", "clip_update", "compute_epsilon", "distributed_noise_share",
-        "gaussian_noise", "l2_norm", "make_noise_source", "neighboring_relation",
-        "next_clip_norm", "noised_mean", "noised_unclipped_fraction", "total_noise_multiplier",
+        "AccountantKind",
+        "AccountedRun",
+        "AdaptiveClipConfig",
+        "AdaptiveClipState",
+        "AdaptiveClipStateDict",
+        "ClippingMode",
+        "NoiseSource",
+        "NoiseSourceKind",
+        "PrivacyAccountant",
+        "PrivacyAccountantStateDict",
+        "PrivacyConfig",
+        "Release",
+        "SamplingScheme",
+        "SecureNoise",
+        "SeededNoise",
+        "calibrate_noise_multiplier",
+        "centred_unclipped_bit",
+        "clip_update",
+        "compute_epsilon",
+        "distributed_noise_share",
+        "gaussian_noise",
+        "l2_norm",
+        "make_noise_source",
+        "neighboring_relation",
+        "next_clip_norm",
+        "noised_mean",
+        "noised_unclipped_fraction",
+        "total_noise_multiplier",
         "update_noise_multiplier",
     }
     for name in privacy.__all__:

@@ -90,8 +90,9 @@ def test_noised_mean_matches_reference_formula_with_the_same_stream() -> None:
     rng = np.random.default_rng(9)
     clipped_sum = (rng.standard_normal(5000) * np.linspace(0.5, 4, 5000)).astype(np.float32)
     z, c, d = 1.3, 0.7, 37.0
-    out = noised_mean(clipped_sum, noise_multiplier=z, clip_norm=c, denominator=d,
-                      source=SeededNoise(42))
+    out = noised_mean(
+        clipped_sum, noise_multiplier=z, clip_norm=c, denominator=d, source=SeededNoise(42)
+    )
     ref_noise = np.random.Generator(np.random.PCG64(42)).standard_normal(5000)
     ref = ((clipped_sum.astype(np.float64) + z * c * ref_noise) / d).astype(np.float32)
     np.testing.assert_array_equal(out, ref)
@@ -100,17 +101,21 @@ def test_noised_mean_matches_reference_formula_with_the_same_stream() -> None:
 def test_noised_mean_noise_has_std_z_times_c() -> None:
     clipped_sum = np.linspace(-5, 5, N).astype(np.float32)
     z, c, d = 0.9, 2.2, 13.0
-    out = noised_mean(clipped_sum, noise_multiplier=z, clip_norm=c, denominator=d,
-                      source=SeededNoise(77))
+    out = noised_mean(
+        clipped_sum, noise_multiplier=z, clip_norm=c, denominator=d, source=SeededNoise(77)
+    )
     residual = out.astype(np.float64) * d - clipped_sum.astype(np.float64)
     _assert_variance(residual, z * c)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"denominator": 0.0}, "denominator"),
-    ({"noise_multiplier": -1.0}, "noise_multiplier"),
-    ({"clip_norm": 0.0}, "clip_norm"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"denominator": 0.0}, "denominator"),
+        ({"noise_multiplier": -1.0}, "noise_multiplier"),
+        ({"clip_norm": 0.0}, "clip_norm"),
+    ],
+)
 def test_noised_mean_refuses_bad_arguments(kwargs: dict[str, float], match: str) -> None:
     args: dict[str, float] = {"noise_multiplier": 1.0, "clip_norm": 1.0, "denominator": 5.0}
     args.update(kwargs)
@@ -136,8 +141,9 @@ def test_more_survivors_than_t_only_adds_noise() -> None:
     z, c, t, n = 1.1, 0.6, 4, 10
     src = SeededNoise(321)
     total = sum(
-        distributed_noise_share(N, noise_multiplier=z, clip_norm=c, min_survivors=t, source=src)
-        .astype(np.float64)
+        distributed_noise_share(
+            N, noise_multiplier=z, clip_norm=c, min_survivors=t, source=src
+        ).astype(np.float64)
         for _ in range(n)
     )
     assert isinstance(total, np.ndarray)
@@ -146,5 +152,6 @@ def test_more_survivors_than_t_only_adds_noise() -> None:
 
 def test_distributed_share_refuses_bad_min_survivors() -> None:
     with pytest.raises(ValueError, match="min_survivors"):
-        distributed_noise_share(3, noise_multiplier=1.0, clip_norm=1.0, min_survivors=0,
-                                source=SeededNoise(0))
+        distributed_noise_share(
+            3, noise_multiplier=1.0, clip_norm=1.0, min_survivors=0, source=SeededNoise(0)
+        )

@@ -158,9 +158,7 @@ def compute_epsilon(
     raise ValueError(f"accountant={accountant!r}; expected 'rdp' or 'pld'")
 
 
-_DEFAULT_ORDERS: npt.NDArray[np.float64] = np.asarray(
-    rdp.RdpAccountant().orders, dtype=np.float64
-)
+_DEFAULT_ORDERS: npt.NDArray[np.float64] = np.asarray(rdp.RdpAccountant().orders, dtype=np.float64)
 
 
 @functools.lru_cache(maxsize=64)
@@ -272,13 +270,9 @@ class PrivacyAccountant:
         self._runs = self._runs_plus(count)
         # Shift caches rather than drop them: "n more after recording count" is exactly
         # "count + n more before", computed from the same merged runs.
-        self._eps_cache = {
-            (n - count, d): e for (n, d), e in self._eps_cache.items() if n >= count
-        }
+        self._eps_cache = {(n - count, d): e for (n, d), e in self._eps_cache.items() if n >= count}
         # A cached value equal to its limit means "at least limit": it cannot be shifted.
-        self._remaining_cache = {
-            k: v - count for k, v in self._remaining_cache.items() if v < k[2]
-        }
+        self._remaining_cache = {k: v - count for k, v in self._remaining_cache.items() if v < k[2]}
 
     def state_dict(self) -> PrivacyAccountantStateDict:
         """The release history (plain data), enough to resume after a restart."""

@@ -20,6 +20,7 @@ from asyncfl.privacy.config import AccountantKind, SamplingScheme
 
 __all__ = ["calibrate_noise_multiplier"]
 
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
@@ -66,11 +67,18 @@ def calibrate_noise_multiplier(
 
     # RDP first, searched from z = 0.01 upward: cheap at any z.
     z_rdp = _calibrate(
-        rdp_accountant, make_event, target_epsilon, delta, tolerance,
-        mechanism_calibration.LowerEndpointAndGuess(1e-2, 1.0), steps, q,
+        rdp_accountant,
+        make_event,
+        target_epsilon,
+        delta,
+        tolerance,
+        mechanism_calibration.LowerEndpointAndGuess(1e-2, 1.0),
+        steps,
+        q,
     )
     if accountant == "rdp":
         return z_rdp
+
     # PLD's cost (time and memory) explodes as z -> 0 (a PLD at z = 0.01 needs tens of
     # GB), so never start there: bracket around the RDP answer, which PLD (being tighter)
     # usually undercuts by well under a factor of 2.
@@ -88,8 +96,9 @@ def calibrate_noise_multiplier(
             break
         low /= 2
     bracket = mechanism_calibration.ExplicitBracketInterval(low, high)
-    return _calibrate(pld_accountant, make_event, target_epsilon, delta, tolerance, bracket,
-                      steps, q)
+    return _calibrate(
+        pld_accountant, make_event, target_epsilon, delta, tolerance, bracket, steps, q
+    )
 
 
 def _calibrate(
@@ -104,8 +113,12 @@ def _calibrate(
 ) -> float:
     try:
         z = mechanism_calibration.calibrate_dp_mechanism(
-            make_accountant, make_event, target_epsilon, delta,
-            bracket_interval=bracket, tol=tolerance,
+            make_accountant,
+            make_event,
+            target_epsilon,
+            delta,
+            bracket_interval=bracket,
+            tol=tolerance,
         )
     except (mechanism_calibration.NoBracketIntervalFoundError, ValueError) as exc:
         raise ValueError(
