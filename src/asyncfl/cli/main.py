@@ -124,6 +124,11 @@ def config_doc() -> None:
     typer.echo(render_config_reference(SimConfig), nl=False)
 
 
+from asyncfl.cli.experiment import experiment_app  # noqa: E402
+
+app.add_typer(experiment_app, name="experiment")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

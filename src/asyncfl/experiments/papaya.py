@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,9 @@ class PapayaSettings:
     over_selection: float = 0.3
     buffer_size: int = 10
     """K: FedBuff updates per server step."""
+    fedbuff_server_lr: float | None = None
+    """None: ``1 / w(C/K - 1)``, undoing the staleness weight ``w(s) = (1+s)^-0.5`` at the
+    typical staleness ``C/K - 1`` so that FedBuff's mean step is FedAvg's (server lr 1)."""
     update_budget: int = 5000
     """Accepted client updates every variant gets."""
     sec_per_char: tuple[float, float] = (0.015, 0.2)
@@ -158,6 +161,7 @@ class PapayaTable:
     deadline_s: float
     population: str
     curves: dict[str, tuple[list[float], list[float]]]
+    fedbuff_server_lr: float
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,6 +170,7 @@ class PapayaTable:
             "target_client_perplexity_mean": self.target_ppl,
             "deadline_s": self.deadline_s,
             "population": self.population,
+            "fedbuff_server_lr": self.fedbuff_server_lr,
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -228,10 +233,13 @@ def papaya_specs(s: PapayaSettings, base: SimConfig, deadline_s: float) -> list[
         staleness=StalenessConfig(kind="polynomial", a=0.5),
         example_weighting="linear",
     )
+    fb_lr = s.fedbuff_server_lr or fedbuff.staleness.weight(max(0, c // s.buffer_size - 1)) ** -1
+    fb_cfg = with_alg(fedbuff, s.update_budget / s.buffer_size)
+    fb_cfg = replace(fb_cfg, server_optimizer=ServerOptimizerConfig(name="sgd", lr=fb_lr))
     return [
         RunSpec(BASIC, with_alg(basic, sync_steps)),
         RunSpec(TIMEOUT, with_alg(timeout, sync_steps)),
-        RunSpec(FEDBUFF, with_alg(fedbuff, s.update_budget / s.buffer_size)),
+        RunSpec(FEDBUFF, fb_cfg),
     ]
 
 
@@ -314,6 +322,9 @@ def run_papaya(
         target_ppl=target,
         deadline_s=deadline,
         population=pop.source,
+        fedbuff_server_lr=next(
+            o.spec.cfg.server_optimizer.lr for o in outcomes if o.spec.label == FEDBUFF
+        ),
         curves={
             o.spec.label: (
                 [h["sim_time_s"] / 3600.0 for h in o.result.history],
@@ -400,7 +411,8 @@ def papaya_table_markdown(t: PapayaTable) -> str:
         f"concurrency = {s.cohort_size}; timeout variant: over-selection {s.over_selection}, "
         f"deadline {t.deadline_s:.0f} s (the {100 * s.deadline_quantile:.0f}th percentile of "
         f"expected client durations, so (1+o)C clients fill C by it on average); FedBuff buffer "
-        f"K = {s.buffer_size}, polynomial staleness weight (1+s)^-0.5.\n",
+        f"K = {s.buffer_size}, polynomial staleness weight (1+s)^-0.5, server lr "
+        f"{t.fedbuff_server_lr:.2f} (1 / that weight at the typical staleness C/K - 1).\n",
         detail,
     ]
     if {BASIC, TIMEOUT, FEDBUFF} <= by.keys():

@@ -29,6 +29,8 @@ What one release is, per :data:`~asyncfl.privacy.config.SamplingScheme`:
 
 With adaptive clipping the config's ``noise_multiplier`` is the TOTAL z of update and
 clip count together (see :mod:`asyncfl.privacy.adaptive_clip`), so it is what is recorded.
+Under replace-one (``fixed_size``) both sensitivities double (2C, and 1 for the centred
+bit), so the pair still composes like one Gaussian, now with z / 2, as recorded.
 
 The stateful :class:`PrivacyAccountant` keeps the history as run-length-encoded releases
 (``state_dict()`` is that history, so a restart resumes) and guards a budget: a step that

@@ -13,6 +13,7 @@ from asyncfl.data.registry import DataConfig
 from asyncfl.errors import ConfigProblem
 from asyncfl.models.config import ModelConfig
 from asyncfl.sim.devices import SyntheticPopulationConfig
+from asyncfl.sim.dp import DPSection
 from asyncfl.sim.phones import PhonePopulationConfig
 from asyncfl.sim.secure_rounds import SecureAggregationConfig
 from asyncfl.training.config import ClientConfig
@@ -105,6 +106,8 @@ class SimConfig:
     """When to stop and how often to evaluate."""
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     """Secure aggregation of synchronous rounds (the server learns only each round's sum)."""
+    privacy: DPSection = field(default_factory=DPSection)
+    """User-level differential privacy (clipping, noise, accounting)."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
@@ -125,6 +128,25 @@ class SimConfig:
                         "algorithm.example_weighting",
                         self.algorithm.example_weighting,
                         "equal or linear with secure aggregation (integer weights in the ring)",
+                    )
+                )
+        if self.privacy.enabled:
+            weighting = getattr(self.algorithm, "example_weighting", "equal")
+            if weighting != "equal":
+                out.append(
+                    ConfigProblem(
+                        "algorithm.example_weighting",
+                        weighting,
+                        "equal with differential privacy (a user's weight must be <= 1)",
+                    )
+                )
+            if mode != "none":
+                out.append(
+                    ConfigProblem(
+                        "privacy.enabled",
+                        True,
+                        f"false with secure_aggregation.mode={mode!r}: distributed DP noise "
+                        "for SecAgg is not implemented yet",
                     )
                 )
         return out

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from asyncfl.algorithms.factory import make_aggregator
 from asyncfl.algorithms.fedasync import FedAsyncConfig
 from asyncfl.algorithms.fedavg import FedAvgConfig
+from asyncfl.algorithms.fedbuff import FedBuffConfig
 from asyncfl.core.params import ParamSpec
 from asyncfl.core.server_opt import make_server_optimizer
 from asyncfl.data.federated import FederatedDataset
@@ -15,6 +16,7 @@ from asyncfl.errors import DataError
 from asyncfl.models.registry import build_model
 from asyncfl.sim.config import SimConfig
 from asyncfl.sim.devices import DevicePopulation, synthetic_population
+from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.phones import load_phone_population
 from asyncfl.sim.secure_rounds import SecureRoundRunner
 from asyncfl.sim.seeding import derive_seed, rng_for
@@ -63,8 +65,21 @@ def build_simulator(
     init = ParamSpec.from_module(model).flatten(model.state_dict())
     alg = cfg.algorithm
     optimizer = make_server_optimizer(cfg.server_optimizer, init.shape[0])
-    aggregator = make_aggregator(alg, init, optimizer)
     concurrency = alg.selection_size if isinstance(alg, FedAvgConfig) else alg.concurrency
+    dp = None
+    if cfg.privacy.enabled:
+        denominator = (
+            alg.cohort_size
+            if isinstance(alg, FedAvgConfig)
+            else (alg.buffer_size if isinstance(alg, FedBuffConfig) else 1)
+        )
+        pcfg = cfg.privacy.privacy_config(
+            denominator, data.num_clients, sync=isinstance(alg, FedAvgConfig)
+        )
+        dp = DPMechanism(pcfg, derive_seed(cfg.seed, "dp_noise"))
+        if pcfg.noise_source == "seeded":
+            log("privacy.noise_source=seeded: reproducible noise, NO formal privacy guarantee")
+    aggregator = make_aggregator(alg, init, optimizer, dp)
     secure = None
     if cfg.secure_aggregation.mode != "none":
         secure = SecureRoundRunner(
@@ -81,4 +96,5 @@ def build_simulator(
         concurrency=concurrency,
         examples_processed=cfg.client.examples_processed,
         secure=secure,
+        dp=dp,
     )

@@ -63,6 +63,7 @@ def summary_dict(cfg: SimConfig, result: SimResult, speed_score: np.ndarray) -> 
             "staleness": {str(k): v for k, v in sorted(result.staleness_counts.items())},
             "participation": participation_summary(result, speed_score),
             "secure_aggregation": result.secure,
+            "privacy": result.privacy,
             "final": result.final,
         }
     )

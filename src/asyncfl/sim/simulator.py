@@ -30,9 +30,10 @@ from asyncfl.algorithms.fedavg import FedAvg, FedAvgConfig
 from asyncfl.core.update import FloatVector, Update
 from asyncfl.core.weights import example_weight
 from asyncfl.data.federated import FederatedDataset
-from asyncfl.errors import UpdateRejected
+from asyncfl.errors import PrivacyBudgetExceeded, UpdateRejected
 from asyncfl.sim.config import RunConfig
 from asyncfl.sim.devices import DevicePopulation
+from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.events import EventKind, EventQueue
 from asyncfl.sim.online import OnlineTracker
 from asyncfl.sim.secure_rounds import SecureRoundRunner
@@ -84,6 +85,8 @@ class SimResult:
     final: dict[str, float] = field(default_factory=dict)
     participation: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     staleness_counts: dict[int, int] = field(default_factory=dict)
+    privacy: dict[str, object] | None = None
+    """Privacy spent (epsilon at delta) and the mechanism's settings."""
     secure: dict[str, object] | None = None
     """Secure-aggregation protocol statistics (bytes and compute per client and stage)."""
 
@@ -114,6 +117,7 @@ class Simulator:
         concurrency: int,
         examples_processed: Callable[[int], int],
         secure: SecureRoundRunner | None = None,
+        dp: DPMechanism | None = None,
     ) -> None:
         if population.size != data.num_clients:
             raise ValueError(
@@ -131,6 +135,7 @@ class Simulator:
         if secure is not None and not self.sync:
             raise ValueError("secure aggregation rounds need a synchronous (FedAvg) aggregator")
         self.secure = secure
+        self.dp = dp
         self.queue = EventQueue()
         self.busy = np.zeros(data.num_clients, dtype=bool)
         self.train_sizes = data.train_sizes.astype(np.int64)
@@ -265,6 +270,8 @@ class Simulator:
 
     def _close_round(self, outcome: Outcome, t: float) -> None:
         self._round_open = False
+        if self.dp is not None and outcome.step is None:
+            self.dp.forget_pending()
         if outcome.reason == "round_failed":
             self.result.failed_rounds += 1
         self.result.discarded_updates += outcome.discarded
@@ -290,8 +297,14 @@ class Simulator:
         )
         self.result.train_wall_time_s += time.perf_counter() - t0
         self.result.bytes_up += self.model_bytes
-        update = Update(task.client, task.base_version, res.num_examples, res.delta)
+        delta = res.delta if self.dp is None else self.dp.clip(res.delta)
+        update = Update(task.client, task.base_version, res.num_examples, delta)
         out = self._secure_submit(update) if self.secure is not None else self.agg.on_update(update)
+        if self.dp is not None:
+            if not out.accepted:
+                self.dp.forget_last()
+            elif out.discarded and out.step is None:
+                self.dp.forget_pending()
         if out.accepted:
             self.result.client_updates += 1
             self.result.participation[task.client] += 1
@@ -366,6 +379,8 @@ class Simulator:
         self.trainer.load(np.ascontiguousarray(self.agg.params))
         ev = evaluate(self.trainer.model, self.data, self.run_cfg.eval_batch_size)
         metrics = ev.metrics(self.train_sizes)
+        if self.dp is not None:
+            metrics["epsilon"] = self.dp.accountant.epsilon()
         self.result.eval_wall_time_s += time.perf_counter() - t0
         row = {
             "sim_time_s": t,
@@ -420,7 +435,11 @@ class Simulator:
                     break
                 out: Outcome | None = None
                 if ev.kind == EventKind.FINISH:
-                    out = self._finish(ev.ref, t)
+                    try:
+                        out = self._finish(ev.ref, t)
+                    except PrivacyBudgetExceeded:
+                        self._stop = "privacy_budget"
+                        break
                 elif ev.kind == EventKind.DROP:
                     self._drop(ev.ref)
                 elif ev.kind == EventKind.WAKE:
@@ -464,6 +483,8 @@ class Simulator:
         r.rejected = dict(sorted(r.rejected.items()))
         if self.secure is not None:
             r.secure = self.secure.stats.summary()
+        if self.dp is not None:
+            r.privacy = self.dp.summary()
         if not r.history or r.history[-1]["server_steps"] != float(self.agg.version):
             self._evaluate(t)
         r.wall_time_s = time.perf_counter() - wall0

@@ -1,0 +1,164 @@
+"""``asyncfl experiment``: the reproduced experiments (Papaya's table, FedBuff's speedup)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from asyncfl.experiments.common import RunOutcome, RunSpec
+from asyncfl.sim.simulator import Progress as SimProgress
+
+__all__ = ["experiment_app"]
+
+experiment_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Reproduce published experiments (Papaya's sync-vs-FedBuff table, FedBuff's speedup).",
+)
+console = Console(stderr=True)
+
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
+QuickOpt = Annotated[bool, typer.Option("--quick", help="A few-minute version on 2 CPU cores.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of data subset, devices and training.")]
+TinyOpt = Annotated[bool, typer.Option("--tiny", hidden=True, help="Smoke-test size (seconds).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress output.")]
+
+
+class _Reporter:
+    """A progress bar for the run in flight and one printed line per finished run."""
+
+    def __init__(self, bar: Progress, budget: Callable[[RunSpec], int | None]) -> None:
+        self.bar = bar
+        self.budget = budget
+        self.task: TaskID | None = None
+        self.t0 = time.perf_counter()
+
+    def start(self, spec: RunSpec) -> None:
+        self.task = self.bar.add_task(spec.label, total=self.budget(spec), info="")
+
+    def progress(self, spec: RunSpec, p: SimProgress) -> None:
+        del spec
+        if self.task is not None:
+            self.bar.update(
+                self.task,
+                completed=p.client_updates,
+                info=f"sim {p.sim_time_s / 3600:7.2f} h  steps {p.server_steps}",
+            )
+
+    def done(self, o: RunOutcome) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
+        r, f = o.result, o.result.final
+        quality = (
+            f"client ppl {f['client_perplexity_mean']:.2f}"
+            if "client_perplexity_mean" in f
+            else f"acc {f.get('accuracy', float('nan')):.3f}"
+        )
+        self.bar.console.print(
+            f"[green]done[/] {o.spec.label}: {r.client_updates:,} updates, "
+            f"{r.server_steps:,} steps, {r.sim_time_s / 3600:.2f} simulated h, {quality}, "
+            f"{r.stop_reason}, {r.wall_time_s:.0f} s wall -> {o.out_dir}"
+        )
+
+
+@contextmanager
+def _reporter(quiet: bool, budget: Callable[[RunSpec], int | None]) -> Iterator[_Reporter]:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} updates  {task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    ) as bar:
+        yield _Reporter(bar, budget)
+
+
+def _log(quiet: bool) -> Callable[[str], None]:
+    return (lambda _m: None) if quiet else (lambda m: console.print(f"[dim]{m}"))
+
+
+@experiment_app.command()
+def papaya(
+    out: OutOpt = None,
+    quick: QuickOpt = False,
+    seed: SeedOpt = 0,
+    budget: Annotated[
+        int | None, typer.Option("--budget", help="Client updates per variant (default: preset).")
+    ] = None,
+    tiny: TinyOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Papaya's table: basic sync FL vs sync FL with timeout vs FedBuff on Shakespeare with the
+    FLASH phones, same update budget; writes table.json, table.md, perplexity_vs_hours.png."""
+    from asyncfl.experiments.papaya import (
+        PAPAYA_FULL,
+        PAPAYA_QUICK,
+        PAPAYA_TINY,
+        papaya_table_markdown,
+        run_papaya,
+    )
+
+    s = PAPAYA_TINY if tiny else PAPAYA_QUICK if quick else PAPAYA_FULL
+    s = replace(s, seed=seed, update_budget=budget or s.update_budget)
+    dest = out or Path("runs/papaya_quick" if quick else "runs/papaya")
+    t0 = time.perf_counter()
+    with _reporter(quiet, lambda spec: spec.cfg.run.max_client_updates) as rep:
+        table = run_papaya(
+            s, dest, log=_log(quiet), on_start=rep.start, on_progress=rep.progress, on_done=rep.done
+        )
+    if not quiet:
+        console.print(f"[green]papaya[/] finished in {time.perf_counter() - t0:.0f} s -> {dest}")
+    typer.echo(papaya_table_markdown(table))
+
+
+@experiment_app.command("fedbuff-speedup")
+def fedbuff_speedup(
+    out: OutOpt = None,
+    quick: QuickOpt = False,
+    seed: SeedOpt = 0,
+    concurrency: Annotated[
+        list[int] | None,
+        typer.Option("--concurrency", help="Concurrency levels (repeatable; default: preset)."),
+    ] = None,
+    target: Annotated[
+        float | None, typer.Option("--target", help="Target accuracy (default: preset).")
+    ] = None,
+    tiny: TinyOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """FedBuff's speedup: simulated time and client updates to a target accuracy for FedBuff,
+    FedAvgM and FedAsync at several concurrencies; writes table.json, table.md, a plot."""
+    from asyncfl.experiments.speedup import (
+        SPEEDUP_FULL,
+        SPEEDUP_QUICK,
+        SPEEDUP_TINY,
+        run_speedup,
+        speedup_table_markdown,
+    )
+
+    s = SPEEDUP_TINY if tiny else SPEEDUP_QUICK if quick else SPEEDUP_FULL
+    s = replace(
+        s,
+        seed=seed,
+        concurrencies=tuple(concurrency) if concurrency else s.concurrencies,
+        target_accuracy=target if target is not None else s.target_accuracy,
+    )
+    dest = out or Path("runs/fedbuff_speedup_quick" if quick else "runs/fedbuff_speedup")
+    t0 = time.perf_counter()
+    with _reporter(quiet, lambda spec: spec.cfg.run.max_client_updates) as rep:
+        table = run_speedup(
+            s, dest, log=_log(quiet), on_start=rep.start, on_progress=rep.progress, on_done=rep.done
+        )
+    if not quiet:
+        console.print(f"[green]fedbuff-speedup[/] finished in {time.perf_counter() - t0:.0f} s")
+    typer.echo(speedup_table_markdown(table))
