@@ -180,27 +180,26 @@ class Simulator:
 
     def _dispatch(self, clients: I64, t: float) -> None:
         version = self.agg.version
-        n_proc = np.array([self._examples_processed(int(self.train_sizes[c])) for c in clients])
+        k = len(clients)
         down, up = self.pop.transfer_seconds(
             clients, self.model_bytes, self.model_bytes, self._device_rng
         )
-        compute = n_proc * self.pop.sec_per_example[clients]
-        duration = down + compute + up
-        end = t + duration
-        drop_draw = self._device_rng.random(len(clients))
-        drop_at = t + self._device_rng.random(len(clients)) * duration
-        window_end = (
-            np.full(len(clients), np.inf)
-            if self._always_online
-            else self.pop.window_end(t, clients)
-        )
-        for i, c in enumerate(clients.tolist()):
+        draws = self._device_rng.random((k, 2))  # dropout draw, moment of the dropout
+        window_end = None if self._always_online else self.pop.window_end(t, clients).tolist()
+        spe = self.pop.sec_per_example
+        p_drop = self.pop.dropout_prob
+        # Python scalars from here on: per-client numpy scalar arithmetic dominated this loop.
+        for i, (c, d_s, u_s, (u_drop, u_when)) in enumerate(
+            zip(clients.tolist(), down.tolist(), up.tolist(), draws.tolist(), strict=True)
+        ):
+            compute = self._examples_processed(int(self.train_sizes[c])) * float(spe[c])
+            duration = d_s + compute + u_s
+            finish = t + duration
             dropped = False
-            finish = float(end[i])
-            if drop_draw[i] < self.pop.dropout_prob[c]:
-                dropped, finish = True, float(drop_at[i])
-            if window_end[i] < finish:
-                dropped, finish = True, float(window_end[i])
+            if u_drop < p_drop[c]:
+                dropped, finish = True, t + u_when * duration
+            if window_end is not None and window_end[i] < finish:
+                dropped, finish = True, window_end[i]
             tid = self._next_task
             self._next_task += 1
             self.tasks[tid] = _Task(c, version, t, finish, dropped, version if self.sync else -1)

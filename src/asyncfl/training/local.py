@@ -83,7 +83,8 @@ class LocalTrainer:
             return LocalResult(np.zeros(self.spec.dim, np.float32), 0, 0, 0, 0.0)
         self._optimizer.state.clear()
         self._generator.manual_seed(seed)
-        self.model.train()
+        if not self.model.training:  # evaluation switched it; module.train() walks every module
+            self.model.train()
         bs = min(self.cfg.batch_size, n)
         total_steps = (
             self.cfg.steps if self.cfg.steps is not None else self.cfg.epochs * -(-n // bs)
