@@ -35,8 +35,9 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress output.")]
 class _Reporter:
     """A progress bar for the run in flight and one printed line per finished run."""
 
-    def __init__(self, bar: Progress, budget: Callable[[RunSpec], int | None]) -> None:
+    def __init__(self, bar: Progress, budget: Callable[[RunSpec], int | None], quiet: bool) -> None:
         self.bar = bar
+        self.quiet = quiet
         self.budget = budget
         self.task: TaskID | None = None
         self.t0 = time.perf_counter()
@@ -57,6 +58,8 @@ class _Reporter:
         if self.task is not None:
             self.bar.remove_task(self.task)
             self.task = None
+        if self.quiet:
+            return
         r, f = o.result, o.result.final
         quality = (
             f"client ppl {f['client_perplexity_mean']:.2f}"
@@ -80,7 +83,7 @@ def _reporter(quiet: bool, budget: Callable[[RunSpec], int | None]) -> Iterator[
         console=console,
         disable=quiet,
     ) as bar:
-        yield _Reporter(bar, budget)
+        yield _Reporter(bar, budget, quiet)
 
 
 def _log(quiet: bool) -> Callable[[str], None]:

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,7 +91,10 @@ def phones_population(
     try:
         pop_cfg = build_config(SimConfig, {"population": section})
     except ConfigError:
-        log("population.kind 'phones' not accepted by SimConfig yet: loading the FLASH trace directly")
+        log(
+            "population.kind 'phones' not accepted by SimConfig yet: "
+            "loading the FLASH trace directly"
+        )
         pop = load_phone_population(
             phones,
             size,
@@ -104,13 +108,18 @@ def phones_population(
 
 
 def client_durations(
-    pop: DevicePopulation, train_sizes: npt.NDArray[np.int64], client: ClientConfig, model_bytes: int
+    pop: DevicePopulation,
+    train_sizes: npt.NDArray[np.int64],
+    client: ClientConfig,
+    model_bytes: int,
 ) -> F64:
     """Expected task duration of every client (download + compute + upload at mean bandwidth),
     the simulator's duration model without its per-transfer jitter."""
     n_proc = np.array([client.examples_processed(int(n)) for n in train_sizes], dtype=np.float64)
     return np.asarray(
-        model_bytes / pop.downlink_bps + n_proc * pop.sec_per_example + model_bytes / pop.uplink_bps,
+        model_bytes / pop.downlink_bps
+        + n_proc * pop.sec_per_example
+        + model_bytes / pop.uplink_bps,
         dtype=np.float64,
     )
 
@@ -134,14 +143,7 @@ def run_specs(
         if on_start is not None:
             on_start(spec)
         sim = build_simulator(spec.cfg, data=data, population=population)
-        cb: Callable[[Progress], None] | None = None
-        if on_progress is not None:
-            report = on_progress
-
-            def cb(p: Progress, spec: RunSpec = spec) -> None:
-                report(spec, p)
-
-        result = sim.run(cb)
+        result = sim.run(None if on_progress is None else partial(_forward, on_progress, spec))
         run_dir = out / name
         summary = write_run(run_dir, spec.cfg, result, population.speed_score)
         outcome = RunOutcome(spec, result, summary, run_dir)
@@ -149,6 +151,10 @@ def run_specs(
         if on_done is not None:
             on_done(outcome)
     return outcomes
+
+
+def _forward(report: Callable[[RunSpec, Progress], None], spec: RunSpec, p: Progress) -> None:
+    report(spec, p)
 
 
 def reached_at(

@@ -57,6 +57,7 @@ __all__ = [
     "SpeedupRow",
     "SpeedupSettings",
     "SpeedupTable",
+    "fedbuff_server_lr",
     "run_speedup",
     "speedup_specs",
     "speedup_table_markdown",
@@ -71,9 +72,9 @@ class SpeedupSettings:
     concurrencies: tuple[int, ...] = (10, 100, 1000)
     target_accuracy: float = 0.40
     """Global next-character accuracy on all clients' held-out text."""
-    max_updates: int = 10_000
+    max_updates: int = 6_000
     """Client updates after which a run stops whether or not it reached the target."""
-    eval_updates: int = 250
+    eval_updates: int = 200
     """Evaluate about every this many client updates (at least once per server step)."""
     num_roles: int | None = None
     seq_len: int = 40
@@ -84,7 +85,9 @@ class SpeedupSettings:
     buffer_size: int = 10
     fedavgm_lr: float = 0.3
     fedavgm_momentum: float = 0.9
-    fedbuff_lr: float = 1.0
+    fedbuff_lr: float | None = None
+    """None: ``1 / w(Mc/K - 1)``, undoing the staleness weight at FedBuff's typical staleness
+    so its mean step is FedAvg's (the paper tunes this server learning rate per task)."""
     fedasync_mixing: float = 0.6
     sec_per_char: tuple[float, float] = (0.015, 0.2)
     """As in the Papaya experiment: FedScale's per-sample latency range, per character."""
@@ -93,7 +96,10 @@ class SpeedupSettings:
 
 SPEEDUP_FULL = SpeedupSettings()
 SPEEDUP_QUICK = SpeedupSettings(
-    concurrencies=(10, 100), target_accuracy=0.33, max_updates=3000, eval_updates=100,
+    concurrencies=(10, 100),
+    target_accuracy=0.33,
+    max_updates=3000,
+    eval_updates=100,
     num_roles=400,
 )
 SPEEDUP_TINY = SpeedupSettings(
@@ -163,6 +169,7 @@ def speedup_specs(s: SpeedupSettings, base: SimConfig, num_clients: int) -> list
         )
     specs: list[RunSpec] = []
     for mc in s.concurrencies:
+        fb_lr = fedbuff_server_lr(s, mc)
         algs: list[tuple[str, AlgorithmConfig, ServerOptimizerConfig, int]] = [
             (
                 "FedAvgM",
@@ -190,7 +197,7 @@ def speedup_specs(s: SpeedupSettings, base: SimConfig, num_clients: int) -> list
                     staleness=StalenessConfig(kind="polynomial", a=0.5),
                     example_weighting="equal",
                 ),
-                ServerOptimizerConfig(name="sgd", lr=s.fedbuff_lr),
+                ServerOptimizerConfig(name="sgd", lr=fb_lr),
                 s.buffer_size,
             ),
         ]
@@ -208,6 +215,12 @@ def speedup_specs(s: SpeedupSettings, base: SimConfig, num_clients: int) -> list
     return specs
 
 
+def fedbuff_server_lr(s: SpeedupSettings, mc: int) -> float:
+    if s.fedbuff_lr is not None:
+        return s.fedbuff_lr
+    return 1.0 / StalenessConfig(kind="polynomial", a=0.5).weight(max(0, mc // s.buffer_size - 1))
+
+
 def _base_config(s: SpeedupSettings) -> SimConfig:
     return SimConfig(
         seed=s.seed,
@@ -217,7 +230,9 @@ def _base_config(s: SpeedupSettings) -> SimConfig:
             all_clients=s.num_roles is None,
             seq_len=s.seq_len,
         ),
-        model=ModelConfig(name="lstm", embed_dim=s.embed_dim, lstm_hidden=s.lstm_hidden, lstm_layers=1),
+        model=ModelConfig(
+            name="lstm", embed_dim=s.embed_dim, lstm_hidden=s.lstm_hidden, lstm_layers=1
+        ),
         client=ClientConfig(epochs=1, batch_size=s.batch_size, lr=s.client_lr),
     )
 
@@ -300,8 +315,8 @@ def speedups(t: SpeedupTable) -> dict[str, dict[str, float | None]]:
         per: dict[str, float | None] = {}
         for other in ("FedAvgM", "FedAsync"):
             o = t.row(other, mc)
-            ok = fb is not None and o is not None and fb.hours and o.hours is not None
-            per[other] = (o.hours / fb.hours) if ok and o and fb and fb.hours else None
+            ok = fb is not None and fb.hours and o is not None and o.hours is not None
+            per[other] = o.hours / fb.hours if ok and o and o.hours and fb and fb.hours else None
         out[str(mc)] = per
     return out
 
@@ -334,7 +349,9 @@ def speedup_table_markdown(t: SpeedupTable) -> str:
         f"samples, LSTM {s.embed_dim}-{s.lstm_hidden}x1, {t.population} population always "
         f"online, seed {s.seed}. FedAvgM: cohort Mc, server momentum {s.fedavgm_momentum}, lr "
         f"{s.fedavgm_lr}; FedAsync: mixing rate {s.fedasync_mixing}, staleness (1+s)^-0.5; "
-        f"FedBuff: K = {s.buffer_size}, staleness (1+s)^-0.5, server lr {s.fedbuff_lr}. "
+        f"FedBuff: K = {s.buffer_size}, staleness (1+s)^-0.5, server lr "
+        + ", ".join(f"{fedbuff_server_lr(s, mc):.2f}" for mc in mcs)
+        + " (1 / the staleness weight at staleness Mc/K - 1). "
         "Final accuracy of every run:\n"
     )
     finals = markdown_table(
@@ -342,10 +359,7 @@ def speedup_table_markdown(t: SpeedupTable) -> str:
         [
             [
                 alg,
-                *(
-                    fmt_number(r.final_accuracy, 3) if (r := t.row(alg, mc)) else "-"
-                    for mc in mcs
-                ),
+                *(fmt_number(r.final_accuracy, 3) if (r := t.row(alg, mc)) else "-" for mc in mcs),
             ]
             for alg in ALGORITHMS
         ],

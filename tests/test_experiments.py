@@ -1,0 +1,159 @@
+"""The reproduced experiments at smoke-test size: files written, shared update budget, tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from asyncfl.cli.experiment import experiment_app
+from asyncfl.experiments.common import fmt_number, markdown_table, reached_at, slug
+from asyncfl.experiments.papaya import PAPAYA_TINY, run_papaya
+from asyncfl.experiments.speedup import (
+    SPEEDUP_TINY,
+    SpeedupRow,
+    SpeedupTable,
+    speedup_table_markdown,
+    speedups,
+)
+
+
+def test_papaya_tiny_writes_table_with_shared_budget(tmp_path: Path) -> None:
+    s = replace(PAPAYA_TINY, update_budget=12, evals=2)
+    table = run_papaya(s, tmp_path)
+    data = json.loads((tmp_path / "table.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == [
+        "Basic synchronous FL",
+        "Synchronous FL with timeout",
+        "FedBuff",
+    ]
+    for row in data["rows"]:
+        # Same budget of accepted updates for every variant, and it is what ended each run.
+        assert row["client_updates"] == 12
+        assert row["stop_reason"] == "max_client_updates"
+        assert row["hours"] > 0
+        for key in ("ppl_mean", "ppl_top25", "ppl_top1"):
+            assert math.isfinite(row[key]) and row[key] > 1.0
+    assert data["deadline_s"] > 0
+    # Only the timeout variant over-selects, so only it can cancel clients.
+    by = {r["variant"]: r for r in data["rows"]}
+    assert by["Basic synchronous FL"]["cancelled"] == 0 and by["FedBuff"]["cancelled"] == 0
+    md = (tmp_path / "table.md").read_text()
+    assert md.splitlines()[0].split("|")[1:-1] == [
+        " variant                     ",
+        " time to train ",
+        " avg ppl ",
+        " top 25% ",
+        " top 1% ",
+    ]
+    assert (tmp_path / "perplexity_vs_hours.png").stat().st_size > 1000
+    for r in table.rows:
+        run_dir = tmp_path / slug(r.variant)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["client_updates"] == 12
+        assert (run_dir / "metrics.jsonl").read_text().strip()
+
+
+def test_speedup_cli_tiny(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        experiment_app,
+        ["fedbuff-speedup", "--tiny", "--quiet", "--concurrency", "3", "--out", str(tmp_path)],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "table.json").read_text())
+    rows = data["rows"]
+    assert [(r["algorithm"], r["concurrency"]) for r in rows] == [
+        ("FedAvgM", 3),
+        ("FedAsync", 3),
+        ("FedBuff", 3),
+    ]
+    for r in rows:
+        assert r["updates_run"] <= SPEEDUP_TINY.max_updates
+        # Reached <=> a time and update count are reported, and they lie within the run.
+        assert r["reached"] == (r["hours"] is not None)
+        if r["reached"]:
+            assert r["updates"] <= r["updates_run"] and r["hours"] <= r["hours_run"] + 1e-9
+    assert set(data["speedups"]) == {"3"}
+    assert (tmp_path / "accuracy_vs_hours.png").exists()
+    assert "| FedBuff speedup vs FedAvgM" in res.output
+
+
+def test_markdown_table_exact() -> None:
+    got = markdown_table(["a", "long header"], [["xyz", "1"], ["", "22"]])
+    assert got == (
+        "| a   | long header |\n"
+        "|-----|-------------|\n"
+        "| xyz | 1           |\n"
+        "|     | 22          |\n"
+    )
+    with pytest.raises(ValueError, match="row 0 has 1 cells, expected 2"):
+        markdown_table(["a", "b"], [["only one"]])
+
+
+def test_fmt_number_and_slug() -> None:
+    assert fmt_number(1234567) == "1,234,567"
+    assert fmt_number(3.14159, 3) == "3.142"
+    assert fmt_number(None) == "-" and fmt_number(float("nan")) == "-"
+    assert slug("Synchronous FL with timeout") == "synchronous_fl_with_timeout"
+    assert slug("FedBuff Mc=1000") == "fedbuff_mc_1000"
+
+
+def test_reached_at_first_row_in_either_direction() -> None:
+    hist = [
+        {"m": 5.0, "t": 0.0},
+        {"m": float("nan"), "t": 1.0},
+        {"m": 3.0, "t": 2.0},
+        {"m": 2.0, "t": 3.0},
+    ]
+    assert reached_at(hist, "m", 3.0, "min") == hist[2]
+    assert reached_at(hist, "m", 4.0, "max") == hist[0]
+    assert reached_at(hist, "m", 1.0, "min") is None
+    assert reached_at(hist, "missing", 1.0, "max") is None
+
+
+def _row(alg: str, mc: int, hours: float | None) -> SpeedupRow:
+    return SpeedupRow(
+        algorithm=alg,
+        concurrency=mc,
+        reached=hours is not None,
+        hours=hours,
+        updates=None if hours is None else 100,
+        final_accuracy=0.3,
+        hours_run=10.0,
+        updates_run=500,
+        server_steps=50,
+        stop_reason="target_reached" if hours is not None else "max_client_updates",
+    )
+
+
+def test_speedups_and_table_from_rows() -> None:
+    s = replace(SPEEDUP_TINY, concurrencies=(10, 100))
+    t = SpeedupTable(
+        settings=s,
+        rows=(
+            _row("FedAvgM", 10, 6.6),
+            _row("FedAsync", 10, 3.0),
+            _row("FedBuff", 10, 2.0),
+            _row("FedAvgM", 100, None),
+            _row("FedAsync", 100, 5.0),
+            _row("FedBuff", 100, 4.0),
+        ),
+        population="phones",
+        num_clients=30,
+        curves={},
+    )
+    sp = speedups(t)
+    assert sp["10"]["FedAvgM"] == pytest.approx(3.3)
+    assert sp["10"]["FedAsync"] == pytest.approx(1.5)
+    assert sp["100"]["FedAvgM"] is None  # the baseline missed the target: no ratio
+    assert sp["100"]["FedAsync"] == pytest.approx(1.25)
+    md = speedup_table_markdown(t)
+    lines = md.splitlines()
+    assert lines[0].split("|")[2].strip() == "Mc = 10"
+    assert "2.00 h / 100 upd." in lines[4]
+    assert "not reached (500 upd., 10.0 h)" in lines[2]
+    assert "| FedBuff speedup vs FedAvgM  | 3.3x" in md
