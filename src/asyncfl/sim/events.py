@@ -40,13 +40,11 @@ class EventQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def push(self, time: float, kind: EventKind, ref: int = 0) -> Event:
+    def push(self, time: float, kind: EventKind, ref: int = 0) -> None:
         if time < self.now:
             raise ValueError(f"event at t={time} is in the past (now={self.now})")
-        ev = Event(time, self._seq, kind, ref)
         heapq.heappush(self._heap, (time, self._seq, kind, ref))
         self._seq += 1
-        return ev
 
     def peek_time(self) -> float | None:
         return self._heap[0][0] if self._heap else None

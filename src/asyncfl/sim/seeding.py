@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import zlib
@@ -11,9 +12,14 @@ import numpy as np
 __all__ = ["derive_seed", "rng_for"]
 
 
-def _words(seed: int, purpose: str, ids: tuple[int, ...]) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def _purpose_id(purpose: str) -> int:
     # crc32 gives a stable (across processes and Python versions) id for the purpose string.
-    return [seed & 0xFFFFFFFF, zlib.crc32(purpose.encode()), *(i & 0xFFFFFFFF for i in ids)]
+    return zlib.crc32(purpose.encode())
+
+
+def _words(seed: int, purpose: str, ids: tuple[int, ...]) -> list[int]:
+    return [seed & 0xFFFFFFFF, _purpose_id(purpose), *(i & 0xFFFFFFFF for i in ids)]
 
 
 def rng_for(seed: int, purpose: str, *ids: int) -> np.random.Generator:
