@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from asyncfl.algorithms.factory import AlgorithmConfig
+from asyncfl.algorithms.fedasync import FedAsyncConfig
 from asyncfl.algorithms.fedavg import FedAvgConfig
 from asyncfl.algorithms.fedbuff import FedBuffConfig
 from asyncfl.core.server_opt import ServerOptimizerConfig
@@ -105,31 +106,45 @@ class SimConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """When to stop and how often to evaluate."""
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
-    """Secure aggregation of synchronous rounds (the server learns only each round's sum)."""
+    """Secure aggregation: SecAgg rounds (FedAvg) or the TEE secure buffer (FedBuff, FedAsync);
+    the server learns only sums."""
     privacy: DPSection = field(default_factory=DPSection)
     """User-level differential privacy (clipping, noise, accounting)."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
         mode = self.secure_aggregation.mode
-        if mode != "none":
+        if mode in ("secagg", "secagg+"):
             if not isinstance(self.algorithm, FedAvgConfig):
                 out.append(
                     ConfigProblem(
                         "secure_aggregation.mode",
                         mode,
-                        f"'none' with algorithm {self.algorithm.name!r}: SecAgg needs synchronous "
-                        "rounds (algorithm.name: fedavg)",
+                        f"'none' or 'tee' with algorithm {self.algorithm.name!r}: SecAgg needs "
+                        "synchronous rounds (algorithm.name: fedavg)",
                     )
                 )
-            elif self.algorithm.example_weighting not in ("equal", "linear"):
-                out.append(
-                    ConfigProblem(
-                        "algorithm.example_weighting",
-                        self.algorithm.example_weighting,
-                        "equal or linear with secure aggregation (integer weights in the ring)",
-                    )
+        elif mode == "tee" and isinstance(self.algorithm, FedAvgConfig):
+            out.append(
+                ConfigProblem(
+                    "secure_aggregation.mode",
+                    mode,
+                    "secagg or secagg+ with algorithm 'fedavg': the TEE secure buffer serves the "
+                    "asynchronous algorithms (fedbuff, fedasync)",
                 )
+            )
+        if (
+            mode != "none"
+            and not isinstance(self.algorithm, FedAsyncConfig)
+            and self.algorithm.example_weighting not in ("equal", "linear")
+        ):
+            out.append(
+                ConfigProblem(
+                    "algorithm.example_weighting",
+                    self.algorithm.example_weighting,
+                    "equal or linear with secure aggregation (integer weights in the ring)",
+                )
+            )
         if self.privacy.enabled:
             weighting = getattr(self.algorithm, "example_weighting", "equal")
             if weighting != "equal":
@@ -145,8 +160,13 @@ class SimConfig:
                     ConfigProblem(
                         "privacy.enabled",
                         True,
-                        f"false with secure_aggregation.mode={mode!r}: distributed DP noise "
-                        "for SecAgg is not implemented yet",
+                        f"false with secure_aggregation.mode={mode!r}: "
+                        + (
+                            "noise inside the enclave (EnclaveConfig.noise_std) is not wired "
+                            "into the simulator's accountant yet"
+                            if mode == "tee"
+                            else "distributed DP noise for SecAgg is not implemented yet"
+                        ),
                     )
                 )
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from asyncfl.algorithms.base import Aggregator
 from asyncfl.algorithms.factory import make_aggregator
 from asyncfl.algorithms.fedasync import FedAsyncConfig
 from asyncfl.algorithms.fedavg import FedAvgConfig
@@ -18,6 +19,7 @@ from asyncfl.sim.config import SimConfig
 from asyncfl.sim.devices import DevicePopulation, synthetic_population
 from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.phones import load_phone_population
+from asyncfl.sim.secure_buffer import build_tee_aggregator
 from asyncfl.sim.secure_rounds import SecureRoundRunner
 from asyncfl.sim.seeding import derive_seed, rng_for
 from asyncfl.sim.simulator import Simulator
@@ -79,9 +81,30 @@ def build_simulator(
         dp = DPMechanism(pcfg, derive_seed(cfg.seed, "dp_noise"))
         if pcfg.noise_source == "seeded":
             log("privacy.noise_source=seeded: reproducible noise, NO formal privacy guarantee")
-    aggregator = make_aggregator(alg, init, optimizer, dp)
     secure = None
-    if cfg.secure_aggregation.mode != "none":
+    tee = None
+    aggregator: Aggregator
+    if cfg.secure_aggregation.mode == "tee":
+        assert not isinstance(alg, FedAvgConfig)  # SimConfig.validate refuses it
+        fedbuff = alg if isinstance(alg, FedBuffConfig) else alg.as_fedbuff()
+        weighting = fedbuff.example_weighting
+        aggregator, tee = build_tee_aggregator(
+            cfg.secure_aggregation,
+            fedbuff,
+            init,
+            optimizer,
+            max_example_weight=int(data.train_sizes.max()) if weighting == "linear" else 1,
+            mixing_rate=alg.mixing_rate if isinstance(alg, FedAsyncConfig) else 1.0,
+        )
+        if fedbuff.buffer_size < 2:
+            log(
+                "secure_aggregation.mode=tee with buffer size 1 (fedasync): every release "
+                "unmasks ONE update, so the server learns each update; the TEE then protects "
+                "only the upload in transit and at rest"
+            )
+    else:
+        aggregator = make_aggregator(alg, init, optimizer, dp)
+    if cfg.secure_aggregation.mode in ("secagg", "secagg+"):
         secure = SecureRoundRunner(
             cfg.secure_aggregation, init.shape[0], rng_for(cfg.seed, "secagg")
         )
@@ -97,4 +120,5 @@ def build_simulator(
         examples_processed=cfg.client.examples_processed,
         secure=secure,
         dp=dp,
+        tee=tee,
     )

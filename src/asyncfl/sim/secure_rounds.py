@@ -30,14 +30,16 @@ from asyncfl.secure.secagg import SecAggConfig, Stage, choose_parameters, run_se
 
 __all__ = ["SecureAggregationConfig", "SecureRoundRunner", "SecureRoundStats"]
 
-SecureMode = Literal["none", "secagg", "secagg+"]
+SecureMode = Literal["none", "secagg", "secagg+", "tee"]
+TeeBackendKind = Literal["inprocess", "subprocess"]
 
 
 @dataclass(frozen=True)
 class SecureAggregationConfig:
     mode: SecureMode = "none"
     """none, secagg (all-to-all, Bonawitz et al. 2017) or secagg+ (k-regular graph, Bell et
-    al. 2020). Synchronous FedAvg only."""
+    al. 2020) for synchronous FedAvg; tee (secure buffer in a TEE, Papaya 2022) for FedBuff
+    and FedAsync."""
     clip: float = 1.0
     """Fixed-point range: each coordinate of an update is clipped to [-clip, clip]."""
     frac_bits: int = 24
@@ -52,6 +54,10 @@ class SecureAggregationConfig:
     """SecAgg+: fraction of protocol dropouts the graph must tolerate."""
     stage_dropout_prob: float = 0.0
     """Probability that a participant drops at each protocol stage (simulated)."""
+    weight_bits: int = 12
+    """tee: staleness weights are quantised to multiples of 2^-weight_bits in the ring."""
+    tee_backend: TeeBackendKind = "inprocess"
+    """tee: run the enclave in this process or in its own OS process (subprocess)."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
@@ -73,6 +79,10 @@ class SecureAggregationConfig:
             )
         if not 0 <= self.stage_dropout_prob < 1:
             out.append(ConfigProblem("stage_dropout_prob", self.stage_dropout_prob, "in [0, 1)"))
+        if not 0 <= self.weight_bits <= 24:
+            out.append(ConfigProblem("weight_bits", self.weight_bits, "an integer in [0, 24]"))
+        if self.tee_backend not in ("inprocess", "subprocess"):
+            out.append(ConfigProblem("tee_backend", self.tee_backend, "inprocess or subprocess"))
         return out
 
 

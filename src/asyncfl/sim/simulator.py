@@ -36,6 +36,7 @@ from asyncfl.sim.devices import DevicePopulation
 from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.events import EventKind, EventQueue
 from asyncfl.sim.online import OnlineTracker
+from asyncfl.sim.secure_buffer import TeeBufferRunner
 from asyncfl.sim.secure_rounds import SecureRoundRunner
 from asyncfl.sim.seeding import derive_seed, rng_for
 from asyncfl.training.evaluate import evaluate
@@ -118,6 +119,7 @@ class Simulator:
         examples_processed: Callable[[int], int],
         secure: SecureRoundRunner | None = None,
         dp: DPMechanism | None = None,
+        tee: TeeBufferRunner | None = None,
     ) -> None:
         if population.size != data.num_clients:
             raise ValueError(
@@ -135,6 +137,10 @@ class Simulator:
         if secure is not None and not self.sync:
             raise ValueError("secure aggregation rounds need a synchronous (FedAvg) aggregator")
         self.secure = secure
+        if tee is not None and self.sync:
+            raise ValueError("the TEE secure buffer needs an asynchronous (FedBuff) aggregator")
+        self.tee = tee
+        self._tee_rng = rng_for(seed, "tee")
         self.dp = dp
         self.queue = EventQueue()
         self.busy = np.zeros(data.num_clients, dtype=bool)
@@ -298,7 +304,12 @@ class Simulator:
         self.result.bytes_up += self.model_bytes
         delta = res.delta if self.dp is None else self.dp.clip(res.delta)
         update = Update(task.client, task.base_version, res.num_examples, delta)
-        out = self._secure_submit(update) if self.secure is not None else self.agg.on_update(update)
+        if self.tee is not None:
+            out = self.tee.submit(update, self._tee_rng)
+        elif self.secure is not None:
+            out = self._secure_submit(update)
+        else:
+            out = self.agg.on_update(update)
         if self.dp is not None:
             if not out.accepted:
                 self.dp.forget_last()
@@ -405,6 +416,8 @@ class Simulator:
             return self._run(progress)
         finally:
             torch.set_num_threads(threads)
+            if self.tee is not None:
+                self.tee.close()  # stops a subprocess enclave; a run is not resumed
 
     def _run(self, progress: Callable[[Progress], None] | None) -> SimResult:
         wall0 = time.perf_counter()
@@ -482,6 +495,8 @@ class Simulator:
         r.rejected = dict(sorted(r.rejected.items()))
         if self.secure is not None:
             r.secure = self.secure.stats.summary()
+        if self.tee is not None:
+            r.secure = self.tee.summary()
         if self.dp is not None:
             r.privacy = self.dp.summary()
         if not r.history or r.history[-1]["server_steps"] != float(self.agg.version):

@@ -89,7 +89,7 @@ class LocalTrainer:
         total_steps = (
             self.cfg.steps if self.cfg.steps is not None else self.cfg.epochs * -(-n // bs)
         )
-        loss_sum = 0.0
+        losses: list[torch.Tensor] = []
         step = 0
         opt = self._optimizer
         model = self.model
@@ -105,9 +105,10 @@ class LocalTrainer:
                 loss = cross_entropy(model(x.index_select(0, idx)), y.index_select(0, idx))
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
-                loss_sum += loss.item()
+                losses.append(loss.detach())  # one .item() per client, not per step
                 step += 1
         full, rem = divmod(step, -(-n // bs))
         processed = full * n + min(rem * bs, n)
         delta = params - self._flat.numpy()
-        return LocalResult(delta, n, step, processed, loss_sum / max(step, 1))
+        mean_loss = float(torch.stack(losses).mean()) if losses else 0.0
+        return LocalResult(delta, n, step, processed, mean_loss)

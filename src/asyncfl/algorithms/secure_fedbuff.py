@@ -1,0 +1,256 @@
+"""FedBuff over a secure buffer in a TEE (Papaya, Huba et al., MLSys 2022, §5).
+
+The aggregator runs FedBuff (Nguyen et al., AISTATS 2022, Alg. 1) on masked fixed-point
+uploads ``y_i = q_i + m_i mod 2^k`` and never holds an individual unmasked update:
+
+    A = sum_i W_i y_i,        W_i = max(1, round(alpha s(tau_i) 2^S)) * e_i
+
+where ``s(tau_i)`` is the staleness weight of the update's ``base_version``, ``alpha`` the
+FedAsync mixing rate (1 for FedBuff), ``e_i`` the integer example weight and ``S`` the weight
+bits. Each contribution is registered with the enclave under the same ``W_i``; after ``K`` of
+them the enclave releases ``-sum_i W_i m_i (+ noise)`` and the pseudo-gradient is
+
+    g = decode(A - sum_i W_i m_i) = sum_i W_i q_i / (2^(f+S) sum_i e_i),
+
+which is plain FedBuff's ``sum_i s(tau_i) e_i delta_i / sum_i e_i`` (denominator K with equal
+example weights) up to the error bound of :meth:`SecureFedBuff.error_bound`:
+``|g - g_plain| <= codec.error_bound(2^S E) + 2^-S c`` per coordinate (fixed-point rounding,
+plus quantising each weight to a multiple of 2^-S: ``|W_i/2^S - alpha s e_i| <= 2^-S e_i``
+including the clamp to >= 1, times ``|x_i| <= c``, averaged over ``E = sum e_i``).
+
+Enclave restarts: a reply from a new enclave boot (epoch) means the masks of everything
+buffered are gone; the masked sum is discarded (counted in ``Outcome.discarded``) and the run
+continues with the new boot's report. Nothing partial is ever unmasked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from asyncfl.algorithms.base import Aggregator, Outcome, StepInfo
+from asyncfl.algorithms.fedbuff import FedBuffConfig
+from asyncfl.core.server_opt import ServerOptimizer
+from asyncfl.core.update import FloatVector, Update
+from asyncfl.core.weights import example_weight
+from asyncfl.errors import ProtocolError
+from asyncfl.secure.fixedpoint import FixedPointCodec
+from asyncfl.secure.ring import RingVector
+from asyncfl.secure.tee.backends import EnclaveBackend
+from asyncfl.secure.tee.client import MaskedUpdate
+from asyncfl.secure.tee.messages import (
+    AttestationReport,
+    DiscardRequest,
+    RefusalCode,
+    Refused,
+    Registered,
+    RegisterRequest,
+    Released,
+    ReleaseRequest,
+    ReportRequest,
+    ReportResponse,
+    Response,
+)
+
+__all__ = ["SecureFedBuff", "quantise_weight"]
+
+_REASONS = {
+    RefusalCode.MALFORMED: "malformed",
+    RefusalCode.STALE_EPOCH: "stale_epoch",
+    RefusalCode.BAD_WEIGHT: "bad_weight",
+    RefusalCode.DUPLICATE: "duplicate",
+    RefusalCode.REPLAYED: "replayed",
+    RefusalCode.BAD_SEAL: "bad_seal",
+    RefusalCode.BELOW_THRESHOLD: "below_threshold",
+    RefusalCode.MISMATCH: "mismatch",
+}
+
+
+def quantise_weight(weight: float, bits: int) -> int:
+    """``max(1, round(weight 2^bits))`` for a weight in [0, 1]: never zero, so every
+    registered contribution really contributes (a zero weight would count towards K for free;
+    a staleness weight underflowing to 0 is clamped to the smallest, 2^-bits)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight={weight} must be in [0, 1]")
+    return max(1, round(weight * (1 << bits)))
+
+
+class SecureFedBuff(Aggregator):
+    """FedBuff (or FedAsync with ``mixing_rate``) whose buffer is masked and unmasked by a TEE.
+
+    ``example_weighting`` must be ``equal`` or ``linear`` (integer weights in the ring).
+    """
+
+    def __init__(
+        self,
+        cfg: FedBuffConfig,
+        params: FloatVector,
+        optimizer: ServerOptimizer,
+        *,
+        backend: EnclaveBackend,
+        codec: FixedPointCodec,
+        weight_bits: int,
+        mixing_rate: float = 1.0,
+    ) -> None:
+        super().__init__(params, optimizer)
+        if cfg.example_weighting not in ("equal", "linear"):
+            raise ValueError(
+                f"example_weighting={cfg.example_weighting!r}: the secure buffer needs integer "
+                "example weights; use 'equal' or 'linear'"
+            )
+        if not 0.0 < mixing_rate <= 1.0:
+            raise ValueError(f"mixing_rate={mixing_rate} must be in (0, 1]")
+        self.cfg = cfg
+        self.codec = codec
+        self.weight_bits = weight_bits
+        self._mixing_rate = mixing_rate
+        self._backend = backend
+        self._ring = codec.ring
+        self._acc = self._ring.zeros(self.dim)
+        self._scratch = self._ring.zeros(self.dim)
+        self._ids: list[bytes] = []
+        self._clients: set[int] = set()
+        self._int_examples = 0
+        self._int_weight = 0
+        self.enclave_restarts = 0
+        self._report = self._fetch_report()
+        self._epoch = self._report.epoch
+
+    # -- what clients and observers may see ------------------------------------------------
+    @property
+    def report(self) -> AttestationReport:
+        """The current enclave's attestation report, relayed to clients."""
+        return self._report
+
+    @property
+    def buffered(self) -> int:
+        return len(self._ids)
+
+    @property
+    def masked_sum(self) -> RingVector:
+        """``sum_i W_i y_i`` of the buffer (read-only view): all the server holds."""
+        view = self._acc.view()
+        view.flags.writeable = False
+        return view
+
+    def error_bound(self, example_total: int) -> float:
+        """Per-coordinate bound on ``|g - g_plain|`` of a step with ``example_total`` (see
+        the module docstring)."""
+        scale = 1 << self.weight_bits
+        return self.codec.error_bound(scale * example_total) + self.codec.clip / scale
+
+    # -- events -------------------------------------------------------------------------------
+    def on_update(self, update: Update) -> Outcome:
+        raise ProtocolError(
+            "SecureFedBuff never accepts a plaintext update; submit a MaskedUpdate "
+            "(asyncfl.secure.tee.TeeClient.upload) through on_masked_update"
+        )
+
+    def on_masked_update(self, up: MaskedUpdate) -> Outcome:
+        """Buffer one masked upload; at ``K`` ask the enclave to release and step."""
+        try:
+            self._ring.check(up.masked, self.dim)
+        except ValueError as exc:
+            return self._reject("bad_shape", str(exc))
+        if not 0 <= up.base_version <= self.version:
+            return self._reject(
+                "bad_version", f"base_version={up.base_version} outside [0, {self.version}]"
+            )
+        if up.num_examples < 0:
+            return self._reject("bad_num_examples", f"num_examples={up.num_examples} < 0")
+        s = self.version - up.base_version
+        if self.cfg.max_staleness is not None and s > self.cfg.max_staleness:
+            return self._reject(
+                "too_stale", f"staleness {s} > max_staleness {self.cfg.max_staleness}", s
+            )
+        e = round(example_weight(self.cfg.example_weighting, up.num_examples))
+        if e < 1:
+            return self._reject("zero_weight", "an update with example weight 0 adds nothing")
+        if up.client_id in self._clients:
+            return self._reject(
+                "duplicate_client", f"client {up.client_id} already has an update in the buffer"
+            )
+        w_int = quantise_weight(self._mixing_rate * self.cfg.staleness.weight(s), self.weight_bits)
+        weight = w_int * e
+        resp = self._backend.call(
+            RegisterRequest(up.epoch, up.client_id, up.base_version, weight, up.sealed)
+        )
+        discarded = self._follow_epoch(resp)
+        if isinstance(resp, Refused):
+            out = self._reject(_REASONS[resp.code], resp.detail, s)
+            return Outcome(False, s, reason=out.reason, detail=out.detail, discarded=discarded)
+        if not isinstance(resp, Registered):
+            raise ProtocolError(f"enclave answered a registration with {type(resp).__name__}")
+        # The enclave holds this contribution now: mirror it (ring products wrap in the dtype).
+        np.multiply(up.masked, self._acc.dtype.type(weight), out=self._scratch)
+        np.add(self._acc, self._scratch, out=self._acc)
+        self._ids.append(up.sealed.update_id)
+        self._clients.add(up.client_id)
+        self._int_examples += e
+        self._int_weight += weight
+        w = weight / (1 << self.weight_bits)
+        if resp.count != len(self._ids):
+            # Out of sync (cannot happen with an honest enclave): start both buffers afresh.
+            return Outcome(True, s, w, reason="mismatch", discarded=discarded + self._resync())
+        if len(self._ids) < self.cfg.buffer_size:
+            return Outcome(True, s, w, discarded=discarded)
+        step, lost = self._release()
+        return Outcome(True, s, w, step=step, discarded=discarded + lost)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _fetch_report(self) -> AttestationReport:
+        resp = self._backend.call(ReportRequest())
+        if not isinstance(resp, ReportResponse):
+            raise ProtocolError(f"enclave answered a report request with {type(resp).__name__}")
+        return resp.report
+
+    def _follow_epoch(self, resp: Response) -> int:
+        """If ``resp`` comes from a new enclave boot, drop the masked buffer; return its size."""
+        epoch = getattr(resp, "epoch", self._epoch)
+        if epoch == self._epoch:
+            return 0
+        self.enclave_restarts += 1
+        n = self._clear()
+        self._report = self._fetch_report()
+        self._epoch = self._report.epoch
+        return n
+
+    def _clear(self) -> int:
+        n = len(self._ids)
+        self._acc.fill(0)
+        self._ids.clear()
+        self._clients.clear()
+        self._int_examples = 0
+        self._int_weight = 0
+        return n
+
+    def _resync(self) -> int:
+        self._backend.call(DiscardRequest(self._epoch))
+        return self._clear()
+
+    def _release(self) -> tuple[StepInfo | None, int]:
+        resp = self._backend.call(ReleaseRequest(self._epoch, tuple(self._ids)))
+        lost = self._follow_epoch(resp)
+        if lost:
+            return None, lost
+        if isinstance(resp, Refused) and resp.code is RefusalCode.BELOW_THRESHOLD:
+            return None, 0  # keep buffering until the enclave's K distinct contributions
+        if (
+            not isinstance(resp, Released)
+            or resp.count != len(self._ids)
+            or resp.total_weight != self._int_weight
+        ):
+            return None, self._resync()
+        self._ring.check(resp.unmask, self.dim)
+        # The only unmasked vector the server ever holds is this sum of >= K contributions.
+        ring_sum = self._ring.add(self._acc, resp.unmask)
+        examples = self._int_examples
+        pseudo_grad = self.codec.decode_sum(ring_sum, (1 << self.weight_bits) * examples)
+        count = self._clear()
+        self._params = self._optimizer.step(self._params, pseudo_grad)
+        self._version += 1
+        return StepInfo(
+            version=self._version,
+            num_updates=count,
+            total_weight=float(examples),
+            pseudo_grad_norm=float(np.linalg.norm(pseudo_grad.astype(np.float64))),
+        ), 0

@@ -1,0 +1,311 @@
+"""The secure buffer: FedBuff's mask accumulator inside a TEE (Papaya, Huba et al. 2022, §5).
+
+Clients upload ``y_i = q_i + m_i`` to the untrusted aggregator, where ``q_i`` is the
+fixed-point update and ``m_i = PRG(seed_i)`` a one-time mask, and seal ``seed_i`` to this
+enclave. The aggregator accumulates ``sum_i w_i y_i`` with integer weights ``w_i`` and
+registers each contribution here with the same ``w_i``; the enclave accumulates
+``M = sum_i w_i m_i`` as contributions arrive (O(model size) memory, not O(K x model size)).
+Once at least ``K`` distinct contributions are registered and the aggregator names exactly
+that set, it releases ``-M (+ noise)``, and the aggregator obtains ``sum_i w_i q_i (+ noise)``.
+
+Invariants this program enforces (each refusal leaves its state unchanged):
+- a release covers at least ``K = min_contributions`` contributions of distinct clients,
+  and exactly the set the aggregator names (never a partial or different sum);
+- every update id is registered at most once per boot, so no mask is ever part of two
+  releases (two releases differing by one contribution would reveal it);
+- weights are integers in ``[1, max_weight]``; a zero weight would let a contribution count
+  towards K while contributing nothing;
+- a restart draws a new key pair and epoch and starts with an empty buffer: seeds sealed to
+  the previous boot no longer open, and the previous buffer's masks are never released.
+
+The optional DP hook adds ``round(N(0, sigma^2) 2^(f+S))`` in the ring to the released sum
+(``sigma`` in model units, ``f`` fractional bits, ``S`` weight bits), so the server only ever
+sees a noised sum. Noise is clipped at ``_NOISE_TAIL`` sigma (the truncation
+:class:`~asyncfl.privacy.noise.SecureNoise` has anyway), and registrations that could make
+the noised sum wrap around the ring are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from asyncfl.errors import ConfigError, ConfigProblem, CryptoError, ProtocolError
+from asyncfl.secure.crypto import KeyPair
+from asyncfl.secure.prg import MaskExpander
+from asyncfl.secure.ring import MAX_RING_BITS, MIN_RING_BITS, Ring, RingVector
+from asyncfl.secure.tee.attestation import SimulatedVendor, enclave_code, measure
+from asyncfl.secure.tee.messages import (
+    EPOCH_BYTES,
+    AttestationReport,
+    Discarded,
+    DiscardRequest,
+    RefusalCode,
+    Refused,
+    Registered,
+    RegisterRequest,
+    Released,
+    ReleaseRequest,
+    ReportRequest,
+    ReportResponse,
+    Request,
+    Response,
+    decode,
+    encode,
+)
+from asyncfl.secure.tee.sealing import SeedContext, open_seed
+
+if TYPE_CHECKING:
+    from asyncfl.privacy.noise import NoiseSource
+
+__all__ = ["EnclaveConfig", "SecureBufferEnclave"]
+
+# SecureNoise's 64-bit uniforms bound |N(0,1)| by sqrt(128 ln 2) ~= 9.42.
+_NOISE_TAIL = 9.42
+_CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EnclaveConfig:
+    """The enclave's measured configuration: clients attest to exactly these values."""
+
+    task: str
+    dim: int
+    ring_bits: int
+    frac_bits: int
+    clip: float
+    """Per-coordinate bound c of the fixed-point codec; with the weights it bounds the sum."""
+    weight_bits: int
+    """S: staleness weights are quantised to multiples of 2^-S."""
+    min_contributions: int
+    """K: the fewest distinct contributions a release may cover."""
+    max_weight: int
+    """Largest integer weight of one contribution."""
+    noise_std: float = 0.0
+    """DP hook: std of Gaussian noise added to each released sum, in model units."""
+
+    def __post_init__(self) -> None:
+        p: list[ConfigProblem] = []
+        if not self.task:
+            p.append(ConfigProblem("task", self.task, "a non-empty task name"))
+        if self.dim < 1:
+            p.append(ConfigProblem("dim", self.dim, "an integer >= 1"))
+        if not MIN_RING_BITS <= self.ring_bits <= MAX_RING_BITS:
+            p.append(ConfigProblem("ring_bits", self.ring_bits, "an integer in [8, 64]"))
+        if not 0 <= self.frac_bits < self.ring_bits:
+            p.append(ConfigProblem("frac_bits", self.frac_bits, "in [0, ring_bits)"))
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            p.append(ConfigProblem("clip", self.clip, "a finite number > 0"))
+        if not 0 <= self.weight_bits <= 24:
+            p.append(ConfigProblem("weight_bits", self.weight_bits, "an integer in [0, 24]"))
+        if self.min_contributions < 1:
+            p.append(ConfigProblem("min_contributions", self.min_contributions, "an int >= 1"))
+        if self.max_weight < 1:
+            p.append(ConfigProblem("max_weight", self.max_weight, "an integer >= 1"))
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            p.append(ConfigProblem("noise_std", self.noise_std, "a finite number >= 0"))
+        if not p and self.weight_budget() < self.min_contributions:
+            p.append(
+                ConfigProblem(
+                    "ring_bits",
+                    self.ring_bits,
+                    f"enough bits for {self.min_contributions} contributions of weight 1 plus "
+                    "the noise tail; raise ring_bits or lower frac_bits/clip/noise_std",
+                )
+            )
+        if p:
+            raise ConfigError(p)
+
+    def noise_bound(self) -> int:
+        """Largest magnitude of the ring noise: ``ceil(9.42 sigma 2^(f+S))``."""
+        return math.ceil(_NOISE_TAIL * self.noise_std * 2.0 ** (self.frac_bits + self.weight_bits))
+
+    def weight_budget(self) -> int:
+        """Largest total weight W with ``W ceil(c 2^f) + noise bound <= 2^(k-1) - 1``."""
+        room = (1 << (self.ring_bits - 1)) - 1 - self.noise_bound()
+        return max(room, 0) // math.ceil(self.clip * 2.0**self.frac_bits)
+
+    def encode(self) -> bytes:
+        """Canonical bytes: what the measurement covers and what boots a subprocess enclave."""
+        task = self.task.encode()
+        return (
+            struct.pack(">BI", _CONFIG_VERSION, len(task))
+            + task
+            + struct.pack(
+                ">QBBdBQQd",
+                self.dim,
+                self.ring_bits,
+                self.frac_bits,
+                self.clip,
+                self.weight_bits,
+                self.min_contributions,
+                self.max_weight,
+                self.noise_std,
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> EnclaveConfig:
+        try:
+            version, n = struct.unpack_from(">BI", data)
+            if version != _CONFIG_VERSION:
+                raise ProtocolError(f"enclave config version {version}, expected 1")
+            task = data[5 : 5 + n].decode()
+            fields = struct.unpack(">QBBdBQQd", data[5 + n :])
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"malformed enclave config: {exc}") from exc
+        return cls(task, *fields)
+
+
+class SecureBufferEnclave:
+    """The enclave program as a sans-I/O state machine: bytes in, bytes out.
+
+    ``vendor`` stands for the CPU's quoting key that signs the report at boot; ``noise``
+    (default :class:`~asyncfl.privacy.noise.SecureNoise`) is used only when ``noise_std > 0``.
+    """
+
+    def __init__(
+        self,
+        config: EnclaveConfig,
+        vendor: SimulatedVendor,
+        *,
+        noise: NoiseSource | None = None,
+    ) -> None:
+        self.config = config
+        self._ring = Ring(config.ring_bits)
+        self._key = KeyPair.generate(os.urandom)
+        self._epoch = os.urandom(EPOCH_BYTES)
+        self._report = vendor.sign_report(
+            measure(enclave_code(), config.encode()), self._key.public, self._epoch
+        )
+        self._noise = noise
+        if config.noise_std > 0 and noise is None:
+            # Imported here: the privacy package pulls in the accountants, which would slow
+            # every enclave boot that does not add noise.
+            from asyncfl.privacy.noise import SecureNoise
+
+            self._noise = SecureNoise()
+        self._expander = MaskExpander(self._ring, config.dim)
+        self._acc = self._ring.zeros(config.dim)
+        self._buffer: dict[bytes, int] = {}  # update id -> client id
+        self._clients: set[int] = set()
+        self._total = 0
+        # Every update id registered since boot: a mask may be part of at most one release.
+        self._seen: set[bytes] = set()
+
+    @property
+    def report(self) -> AttestationReport:
+        return self._report
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def handle(self, data: bytes) -> bytes:
+        """One request frame in, one response frame out; never raises on bad input."""
+        try:
+            req = decode(data)
+        except ProtocolError as exc:
+            return encode(self._refuse(RefusalCode.MALFORMED, str(exc)))
+        if not isinstance(req, ReportRequest | RegisterRequest | ReleaseRequest | DiscardRequest):
+            return encode(
+                self._refuse(RefusalCode.MALFORMED, f"{type(req).__name__} is no request")
+            )
+        return encode(self.handle_message(req))
+
+    def handle_message(self, req: Request) -> Response:
+        if isinstance(req, ReportRequest):
+            return ReportResponse(self._report)
+        if req.epoch != self._epoch:
+            return self._refuse(
+                RefusalCode.STALE_EPOCH, "request for another enclave boot (restarted)"
+            )
+        if isinstance(req, RegisterRequest):
+            return self._register(req)
+        if isinstance(req, ReleaseRequest):
+            return self._release(req)
+        n = len(self._buffer)
+        self._reset()
+        return Discarded(self._epoch, n)
+
+    def _refuse(self, code: RefusalCode, detail: str) -> Refused:
+        return Refused(self._epoch, code, detail)
+
+    def _register(self, req: RegisterRequest) -> Response:
+        cfg = self.config
+        uid = req.sealed.update_id
+        if not 1 <= req.weight <= cfg.max_weight:
+            return self._refuse(
+                RefusalCode.BAD_WEIGHT, f"weight {req.weight} outside [1, {cfg.max_weight}]"
+            )
+        if uid in self._buffer:
+            return self._refuse(RefusalCode.DUPLICATE, "update id already in the buffer")
+        if uid in self._seen:
+            return self._refuse(RefusalCode.REPLAYED, "update id was registered before")
+        if req.client_id in self._clients:
+            return self._refuse(
+                RefusalCode.DUPLICATE, f"client {req.client_id} already has an update buffered"
+            )
+        if self._total + req.weight > cfg.weight_budget():
+            return self._refuse(
+                RefusalCode.BAD_WEIGHT,
+                f"total weight {self._total + req.weight} would exceed the no-wrap budget "
+                f"{cfg.weight_budget()}; release or discard first",
+            )
+        ctx = SeedContext(cfg.task, req.client_id, req.base_version, uid, self._key.public)
+        try:
+            seed = open_seed(self._key, req.sealed, ctx)
+        except CryptoError as exc:
+            return self._refuse(RefusalCode.BAD_SEAL, str(exc))
+        # Validated: mutate. Products and sums wrap in the dtype (2^k divides its modulus);
+        # the accumulator is reduced once, at release.
+        mask = self._expander.expand(seed)
+        np.multiply(mask, mask.dtype.type(req.weight), out=mask)
+        np.add(self._acc, mask, out=self._acc)
+        self._buffer[uid] = req.client_id
+        self._clients.add(req.client_id)
+        self._seen.add(uid)
+        self._total += req.weight
+        return Registered(self._epoch, len(self._buffer), self._total)
+
+    def _release(self, req: ReleaseRequest) -> Response:
+        named = set(req.update_ids)
+        if len(named) != len(req.update_ids) or named != self._buffer.keys():
+            return self._refuse(
+                RefusalCode.MISMATCH,
+                f"aggregator names {len(req.update_ids)} updates, the enclave holds "
+                f"{len(self._buffer)} (or a different set)",
+            )
+        k = self.config.min_contributions
+        if len(self._clients) < k:
+            return self._refuse(
+                RefusalCode.BELOW_THRESHOLD,
+                f"{len(self._clients)} distinct contributions < K={k}",
+            )
+        out = np.negative(self._acc)
+        if self.config.noise_std > 0:
+            assert self._noise is not None
+            out += self._ring_noise()
+        out = self._ring.reduce(out)
+        released = Released(self._epoch, len(self._buffer), self._total, self.config.noise_std, out)
+        self._reset()
+        return released
+
+    def _ring_noise(self) -> RingVector:
+        assert self._noise is not None
+        cfg = self.config
+        z = np.clip(self._noise.standard_normal(cfg.dim), -_NOISE_TAIL, _NOISE_TAIL)
+        scaled = np.rint(z * (cfg.noise_std * 2.0 ** (cfg.frac_bits + cfg.weight_bits)))
+        # |scaled| <= noise_bound < 2^63; astype wraps negatives to two's complement.
+        return scaled.astype(np.int64).astype(self._ring.dtype)
+
+    def _reset(self) -> None:
+        self._acc.fill(0)
+        self._buffer.clear()
+        self._clients.clear()
+        self._total = 0
