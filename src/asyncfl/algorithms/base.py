@@ -108,6 +108,16 @@ class Aggregator:
     def version(self) -> int:
         return self._version
 
+    def resume_at(self, version: int) -> None:
+        """Continue from a checkpoint of ``version`` (the aggregator was built from its
+        params). Only a fresh aggregator with an empty buffer may resume; the caller replays
+        the updates buffered after that checkpoint through ``on_update``."""
+        if version < 0:
+            raise ValueError(f"version {version} must be >= 0")
+        if self._version != 0 or self._buffer.count:
+            raise ValueError("resume_at needs a fresh aggregator (version 0, empty buffer)")
+        self._version = version
+
     @property
     def dim(self) -> int:
         return int(self._params.shape[0])

@@ -128,6 +128,14 @@ from asyncfl.cli.experiment import experiment_app  # noqa: E402
 
 app.add_typer(experiment_app, name="experiment")
 
+from asyncfl.cli.service import client as _service_client  # noqa: E402
+from asyncfl.cli.service import serve as _service_serve  # noqa: E402
+from asyncfl.cli.service import status as _service_status  # noqa: E402
+
+app.command("serve")(_service_serve)
+app.command("client")(_service_client)
+app.command("status")(_service_status)
+
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

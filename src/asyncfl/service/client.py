@@ -1,0 +1,381 @@
+"""The device-side runtime: check in, download, train, upload; retry and resume by itself.
+
+The loop a device runs (Papaya's client)::
+
+    check in ──► "retry after N s" ──► sleep N s (jittered) ─┐
+       │  ▲                                                  │
+       │  └──────────────────────────────────────────────────┘
+       ▼
+    assignment (task, lease, version) ─► download model ─► train ─► upload (one upload id)
+
+Transient failures (server down, restarting, overloaded) are retried with exponential backoff
+and full jitter (a random wait in ``[0, min(cap, base·2^n)]``) so a fleet reconnecting after a
+server restart does not arrive in lock step. A retried upload reuses its upload id: if the
+first attempt was committed before the connection broke, the server answers ALREADY_EXISTS and
+the client counts it as accepted, never twice.
+
+Training uses the simulator's :class:`~asyncfl.training.local.LocalTrainer` with the
+hyperparameters the task sends, and the same seed derivation ``(seed, "train", client,
+version)``. Plug in any model and ``(x, y)`` tensors with :class:`TorchTrainer`, or any callable
+that follows :class:`Trainer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import numpy as np
+import torch
+
+from asyncfl.core.configload import build_config
+from asyncfl.core.update import FloatVector
+from asyncfl.errors import AsyncFLError
+from asyncfl.models.config import ModelConfig
+from asyncfl.models.registry import build_model
+from asyncfl.service.auth import bearer_metadata
+from asyncfl.service.errors import REASON_KEY
+from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
+from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
+from asyncfl.sim.seeding import derive_seed
+from asyncfl.training.config import ClientConfig
+from asyncfl.training.local import LocalTrainer
+
+__all__ = [
+    "ClientError",
+    "ClientOptions",
+    "ClientReport",
+    "TorchTrainer",
+    "TrainResult",
+    "Trainer",
+    "UploadRecord",
+    "run_client",
+    "run_client_async",
+    "run_clients_async",
+]
+
+log = logging.getLogger("asyncfl.service.client")
+
+_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+_FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+class ClientError(AsyncFLError):
+    """The client cannot go on (bad credentials, or the server kept failing)."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    address: str
+    """``host:port`` of the server."""
+    token: str
+    """Bearer token ``<client id>.<hmac>`` issued by the operator."""
+    client_id: int
+    num_examples: int
+    """Examples this device holds (reported at check-in for eligibility)."""
+    ca_cert: bytes | None = None
+    """PEM root certificate to trust; None means plaintext (loopback servers only)."""
+    task_id: str = ""
+    """Join only this task (empty: whatever the server assigns)."""
+    max_updates: int | None = None
+    """Stop after this many accepted updates (None: until the task is done)."""
+    seed: int = 0
+    backoff_base_s: float = 0.1
+    backoff_cap_s: float = 5.0
+    max_failures: int = 60
+    """Consecutive transient failures before the client gives up."""
+    rpc_timeout_s: float = 60.0
+    max_message_bytes: int = 4 << 20
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class TrainResult:
+    delta: FloatVector
+    num_examples: int
+
+
+class Trainer(Protocol):
+    def __call__(self, params: FloatVector, version: int, assignment: pb.Assignment) -> TrainResult:
+        """Train from ``params`` (model ``version``); return ``delta = start - end``."""
+        ...
+
+
+class TorchTrainer:
+    """Local training with :class:`LocalTrainer` on one client's ``(x, y)``.
+
+    The model is built from the task's model config on the first assignment unless ``model``
+    is given (it must have the task's parameter count).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        client_id: int,
+        seed: int = 0,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        self.x, self.y = x, y
+        self.client_id = client_id
+        self.seed = seed
+        self._model = model
+        self._trainer: LocalTrainer | None = None
+        self._key: tuple[str, str] | None = None
+
+    def _prepare(self, a: pb.Assignment) -> LocalTrainer:
+        key = (a.client_config_json, a.model_config_json)
+        if self._trainer is not None and key == self._key:
+            return self._trainer
+        ccfg = build_config(ClientConfig, json.loads(a.client_config_json))
+        model = self._model
+        if model is None:
+            spec = json.loads(a.model_config_json)
+            shape = tuple(int(d) for d in spec.pop("input_shape"))
+            classes = int(spec.pop("num_classes"))
+            mcfg = build_config(ModelConfig, spec)
+            model = build_model(
+                mcfg.name,
+                shape,
+                classes,
+                hidden=mcfg.hidden,
+                width=mcfg.width,
+                embed_dim=mcfg.embed_dim,
+                lstm_hidden=mcfg.lstm_hidden,
+                lstm_layers=mcfg.lstm_layers,
+            )
+        self._trainer = LocalTrainer(model, ccfg)
+        if self._trainer.spec.dim != a.model_dim:
+            raise ClientError(
+                f"local model has {self._trainer.spec.dim} parameters, task {a.task_id!r} "
+                f"has {a.model_dim}: plug in the task's architecture"
+            )
+        self._key = key
+        return self._trainer
+
+    def __call__(self, params: FloatVector, version: int, assignment: pb.Assignment) -> TrainResult:
+        trainer = self._prepare(assignment)
+        seed = derive_seed(self.seed, "train", self.client_id, version)
+        res = trainer.train(params, self.x, self.y, seed)
+        return TrainResult(res.delta, res.num_examples)
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    upload_id: str
+    base_version: int
+    outcome: str
+    """``accepted``, ``duplicate`` (accepted by an earlier attempt), or a refusal reason."""
+    attempts: int
+
+
+@dataclass
+class ClientReport:
+    client_id: int
+    accepted: int = 0
+    refused: int = 0
+    retries: int = 0
+    done: bool = False
+    uploads: list[UploadRecord] = field(default_factory=list)
+
+
+class _Transient(Exception):
+    pass
+
+
+def _reason(err: grpc.aio.AioRpcError) -> str:
+    for key, value in err.trailing_metadata() or ():
+        if key == REASON_KEY:
+            return str(value)
+    return err.code().name.lower()
+
+
+class _Session:
+    def __init__(self, opts: ClientOptions, trainer: Trainer, channel: grpc.aio.Channel) -> None:
+        self.o = opts
+        self.trainer = trainer
+        self.stub = pb_grpc.FederatedLearningStub(channel)  # type: ignore[no-untyped-call]
+        self.md = bearer_metadata(opts.token)
+        self.rng = random.Random(derive_seed(opts.seed, "client_backoff", opts.client_id))
+        self.report = ClientReport(opts.client_id)
+        self.failures = 0
+
+    async def backoff(self) -> None:
+        self.failures += 1
+        self.report.retries += 1
+        if self.failures > self.o.max_failures:
+            raise ClientError(
+                f"client {self.o.client_id}: {self.failures - 1} consecutive failures talking "
+                f"to {self.o.address}; is the server running?"
+            )
+        cap = min(self.o.backoff_cap_s, self.o.backoff_base_s * 2 ** min(self.failures, 30))
+        await asyncio.sleep(self.rng.uniform(0, cap))
+
+    def _check(self, err: grpc.aio.AioRpcError) -> None:
+        if err.code() in _FATAL:
+            raise ClientError(f"client {self.o.client_id}: {err.code().name}: {err.details()}")
+        if err.code() in _TRANSIENT:
+            raise _Transient(err.code().name) from err
+
+    async def check_in(self) -> pb.CheckInResponse:
+        req = pb.CheckInRequest(num_examples=self.o.num_examples, task_id=self.o.task_id)
+        while True:
+            try:
+                resp: pb.CheckInResponse = await self.stub.CheckIn(
+                    req, metadata=self.md, timeout=self.o.rpc_timeout_s
+                )
+                self.failures = 0
+                return resp
+            except grpc.aio.AioRpcError as err:
+                try:
+                    self._check(err)
+                except _Transient:
+                    await self.backoff()
+                    continue
+                raise ClientError(f"check-in refused: {_reason(err)}") from err
+
+    async def download(self, task_id: str) -> tuple[FloatVector, int]:
+        call = self.stub.DownloadModel(
+            pb.DownloadRequest(task_id=task_id), metadata=self.md, timeout=self.o.rpc_timeout_s
+        )
+        out: FloatVector | None = None
+        version = -1
+        async for chunk in call:
+            if out is None:
+                out = np.empty(chunk.model_dim, np.float32)
+                version = chunk.model_version
+            n = len(chunk.data) // 4
+            if chunk.model_version != version or chunk.offset + n > out.shape[0]:
+                raise _Transient("inconsistent model stream")
+            out[chunk.offset : chunk.offset + n] = np.frombuffer(chunk.data, "<f4")
+        if out is None:
+            raise _Transient("empty model stream")
+        return out, version
+
+    async def _chunks(
+        self, header: pb.UploadHeader, delta: FloatVector
+    ) -> AsyncIterator[pb.UploadChunk]:
+        yield pb.UploadChunk(header=header)
+        raw = np.ascontiguousarray(delta, dtype="<f4").data.cast("B")
+        step = self.o.chunk_bytes
+        for start in range(0, len(raw), step):
+            yield pb.UploadChunk(data=bytes(raw[start : start + step]))
+
+    async def upload(self, a: pb.Assignment, version: int, res: TrainResult) -> UploadRecord:
+        upload_id = uuid.UUID(int=self.rng.getrandbits(128)).hex
+        header = pb.UploadHeader(
+            task_id=a.task_id,
+            lease_id=a.lease_id,
+            upload_id=upload_id,
+            base_version=version,
+            num_examples=res.num_examples,
+            dim=int(res.delta.shape[0]),
+            dtype=pb.DTYPE_FLOAT32,
+        )
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await self.stub.UploadUpdate(
+                    self._chunks(header, res.delta), metadata=self.md, timeout=self.o.rpc_timeout_s
+                )
+                self.failures = 0
+                return UploadRecord(upload_id, version, "accepted", attempts)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    self.failures = 0
+                    return UploadRecord(upload_id, version, "duplicate", attempts)
+                try:
+                    self._check(err)
+                except _Transient:
+                    if _reason(err) == "message_too_large":
+                        raise
+                    await self.backoff()
+                    continue
+                self.failures = 0
+                return UploadRecord(upload_id, version, _reason(err), attempts)
+
+    async def run(self) -> ClientReport:
+        r = self.report
+        while self.o.max_updates is None or r.accepted < self.o.max_updates:
+            resp = await self.check_in()
+            kind = resp.WhichOneof("outcome")
+            if kind == "done":
+                r.done = True
+                break
+            if kind != "assignment":
+                wait = max(0.0, min(resp.retry_after_s, 60.0))
+                await asyncio.sleep(wait * self.rng.uniform(0.5, 1.5))
+                continue
+            a = resp.assignment
+            try:
+                params, version = await self.download(a.task_id)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _FATAL:
+                    raise ClientError(f"download refused: {err.code().name}") from err
+                await self.backoff()  # transient, or the task vanished: check in again
+                continue
+            except _Transient:
+                await self.backoff()
+                continue
+            res = await asyncio.to_thread(self.trainer, params, version, a)
+            rec = await self.upload(a, version, res)
+            r.uploads.append(rec)
+            if rec.outcome in ("accepted", "duplicate"):
+                r.accepted += 1
+            else:
+                r.refused += 1
+                log.info(
+                    "upload refused", extra={"client": self.o.client_id, "reason": rec.outcome}
+                )
+        return r
+
+
+def _channel(opts: ClientOptions) -> grpc.aio.Channel:
+    options = [
+        ("grpc.max_receive_message_length", opts.max_message_bytes),
+        ("grpc.max_send_message_length", opts.max_message_bytes),
+        # Reconnect quickly after a server restart (the default backoff reaches minutes).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    if opts.ca_cert is None:
+        return grpc.aio.insecure_channel(opts.address, options=options)
+    creds = grpc.ssl_channel_credentials(root_certificates=opts.ca_cert)
+    return grpc.aio.secure_channel(opts.address, creds, options=options)
+
+
+async def run_client_async(opts: ClientOptions, trainer: Trainer) -> ClientReport:
+    """Run one client until its task is done or ``max_updates`` are accepted."""
+    async with _channel(opts) as channel:
+        return await _Session(opts, trainer, channel).run()
+
+
+async def run_clients_async(
+    clients: Sequence[tuple[ClientOptions, Trainer]],
+) -> list[ClientReport]:
+    """Several clients in one process (one event loop; training runs in worker threads)."""
+    return list(await asyncio.gather(*(run_client_async(o, t) for o, t in clients)))
+
+
+def run_client(opts: ClientOptions, trainer: Trainer) -> ClientReport:
+    """Blocking form of :func:`run_client_async`."""
+    return asyncio.run(run_client_async(opts, trainer))

@@ -1,0 +1,1 @@
+"""``asyncfl.v1``: the service protocol, version 1 (generated; do not edit)."""

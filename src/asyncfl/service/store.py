@@ -1,0 +1,249 @@
+"""The coordinator's durable state: tasks and the ledger of accepted updates (SQLite, WAL).
+
+Exactly-once, in three rules:
+
+1. **An update is accepted when its ledger row commits.** The row (task, client id, upload id,
+   base version, examples, its delta) is inserted in the same transaction that records what it
+   did to the buffer. ``UNIQUE(task_id, client_id, upload_id)`` makes a retried or replayed
+   upload a duplicate that is recognised, never counted twice. The client is told "accepted"
+   only after the commit, so an acknowledged update is never lost.
+2. **A server step commits atomically relative to the ledger.** The new checkpoint file is
+   written first (atomically, see ``checkpoint.py``); then ONE transaction inserts the update
+   that triggered the step, marks every buffered row ``applied`` with the new version and
+   moves the task's version and checkpoint path forward. A crash before that commit leaves the
+   old version current (the new file is an orphan, deleted at start-up); after it, the new one.
+3. **On restart the buffer is rebuilt** from the rows still ``buffered`` (accepted after the
+   current checkpoint's version), replayed in acceptance order through the same algorithm at
+   the same version: the same staleness, weights and float additions, so the same buffer.
+
+Rows of an applied step drop their delta (the checkpoint holds its effect) unless
+``keep_applied_deltas`` keeps them for audit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from asyncfl.core.update import FloatVector
+
+__all__ = ["LedgerRow", "Store", "TaskRecord"]
+
+RowStatus = Literal["buffered", "applied", "discarded"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    checkpoint TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    config_json TEXT NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    client_id INTEGER NOT NULL,
+    upload_id TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    accepted_version INTEGER NOT NULL,
+    staleness INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('buffered', 'applied', 'discarded')),
+    applied_version INTEGER,
+    delta BLOB,
+    accepted_unix REAL NOT NULL,
+    UNIQUE (task_id, client_id, upload_id)
+);
+CREATE INDEX IF NOT EXISTS updates_status ON updates (task_id, status);
+"""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    version: int
+    checkpoint: str
+    dim: int
+    config_json: str
+    finished: bool
+
+
+@dataclass(frozen=True, eq=False)
+class LedgerRow:
+    task_id: str
+    client_id: int
+    upload_id: str
+    base_version: int
+    num_examples: int
+    accepted_version: int
+    staleness: int
+    weight: float
+    delta: FloatVector | None = None
+    status: RowStatus = "buffered"
+    applied_version: int | None = None
+    seq: int = 0
+
+
+class Store:
+    """One SQLite database; every method is one transaction, serialised by a lock.
+
+    ``synchronous=FULL`` in WAL mode: a commit is on disk when it returns (NORMAL could lose the
+    last commits on power loss, which would un-accept acknowledged updates).
+    """
+
+    def __init__(self, path: Path, *, keep_applied_deltas: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.keep_applied_deltas = keep_applied_deltas
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- tasks ------------------------------------------------------------------------------
+    def task(self, task_id: str) -> TaskRecord | None:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT task_id, version, checkpoint, dim, config_json, finished FROM tasks "
+                "WHERE task_id = ?",
+                (task_id,),
+            ).fetchone()
+        if r is None:
+            return None
+        return TaskRecord(r[0], int(r[1]), r[2], int(r[3]), r[4], bool(r[5]))
+
+    def create_task(self, rec: TaskRecord) -> None:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO tasks (task_id, version, checkpoint, dim, config_json, finished) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (rec.task_id, rec.version, rec.checkpoint, rec.dim, rec.config_json, 0),
+            )
+
+    # -- ledger -----------------------------------------------------------------------------
+    def find_upload(self, task_id: str, client_id: int, upload_id: str) -> LedgerRow | None:
+        with self._lock:
+            r = self._db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM updates "
+                "WHERE task_id = ? AND client_id = ? AND upload_id = ?",
+                (task_id, client_id, upload_id),
+            ).fetchone()
+        return None if r is None else _row(r, with_delta=False)
+
+    def rows(self, task_id: str, status: RowStatus | None = None) -> list[LedgerRow]:
+        """Ledger rows of a task in acceptance order (with deltas where stored)."""
+        q = f"SELECT {_ROW_COLUMNS}, delta FROM updates WHERE task_id = ?"
+        args: tuple[object, ...] = (task_id,)
+        if status is not None:
+            q += " AND status = ?"
+            args += (status,)
+        with self._lock:
+            found = self._db.execute(q + " ORDER BY seq", args).fetchall()
+        return [_row(r, with_delta=True) for r in found]
+
+    def counts(self, task_id: str) -> dict[str, int]:
+        with self._lock:
+            found = self._db.execute(
+                "SELECT status, COUNT(*) FROM updates WHERE task_id = ? GROUP BY status",
+                (task_id,),
+            ).fetchall()
+        return {str(s): int(n) for s, n in found}
+
+    def commit(
+        self,
+        task_id: str,
+        row: LedgerRow | None,
+        *,
+        step: tuple[int, str] | None = None,
+        discard: bool = False,
+        finished: bool = False,
+    ) -> None:
+        """One transaction: insert ``row`` (buffered), then either apply every buffered row as
+        ``step = (new version, checkpoint path)`` or mark them ``discarded``."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if row is not None:
+                delta = None if row.delta is None else row.delta.astype("<f4").tobytes()
+                self._db.execute(
+                    "INSERT INTO updates (task_id, client_id, upload_id, base_version, "
+                    "num_examples, accepted_version, staleness, weight, status, delta, "
+                    "accepted_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'buffered', ?, ?)",
+                    (
+                        task_id,
+                        row.client_id,
+                        row.upload_id,
+                        row.base_version,
+                        row.num_examples,
+                        row.accepted_version,
+                        row.staleness,
+                        row.weight,
+                        delta,
+                        time.time(),
+                    ),
+                )
+            if step is not None:
+                version, checkpoint = step
+                keep = "delta" if self.keep_applied_deltas else "NULL"
+                self._db.execute(
+                    f"UPDATE updates SET status = 'applied', applied_version = ?, delta = {keep} "
+                    "WHERE task_id = ? AND status = 'buffered'",
+                    (version, task_id),
+                )
+                cur = self._db.execute(
+                    "UPDATE tasks SET version = ?, checkpoint = ?, finished = ? "
+                    "WHERE task_id = ? AND version = ?",
+                    (version, checkpoint, int(finished), task_id, version - 1),
+                )
+                if cur.rowcount != 1:  # a second writer, or a step that skipped a version
+                    raise sqlite3.IntegrityError(
+                        f"task {task_id!r} is not at version {version - 1}; step refused"
+                    )
+            elif discard:
+                self._db.execute(
+                    "UPDATE updates SET status = 'discarded', delta = NULL "
+                    "WHERE task_id = ? AND status = 'buffered'",
+                    (task_id,),
+                )
+
+
+_ROW_COLUMNS = (
+    "task_id, client_id, upload_id, base_version, num_examples, accepted_version, staleness, "
+    "weight, status, applied_version, seq"
+)
+
+
+def _row(r: tuple[object, ...], *, with_delta: bool) -> LedgerRow:
+    delta = None
+    if with_delta and r[11] is not None:
+        assert isinstance(r[11], bytes)
+        delta = np.frombuffer(r[11], dtype="<f4").astype(np.float32)
+    status = str(r[8])
+    assert status in ("buffered", "applied", "discarded")
+    return LedgerRow(
+        task_id=str(r[0]),
+        client_id=int(str(r[1])),
+        upload_id=str(r[2]),
+        base_version=int(str(r[3])),
+        num_examples=int(str(r[4])),
+        accepted_version=int(str(r[5])),
+        staleness=int(str(r[6])),
+        weight=float(str(r[7])),
+        status=status,  # type: ignore[arg-type]
+        applied_version=None if r[9] is None else int(str(r[9])),
+        seq=int(str(r[10])),
+        delta=delta,
+    )

@@ -1,0 +1,230 @@
+"""The aggregator role: one task's model, version, buffer and server optimizer, made durable.
+
+The aggregation itself is the simulator's: ``make_aggregator`` + ``make_server_optimizer`` from
+the same config sections, fed one :class:`~asyncfl.core.update.Update` at a time. This class adds
+what a real server needs around it: the ledger commit of every accepted update and the
+checkpoint of every step (exactly-once rules in ``store.py``), recovery after a crash, duplicate
+uploads recognised by their upload id, and the service-level checks (norm bound, finished
+task) made *before* the algorithm sees the update so a refusal leaves every state unchanged.
+
+Not thread-safe: the server calls it under one lock per task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from asyncfl.algorithms.base import Aggregator, Outcome
+from asyncfl.algorithms.factory import make_aggregator
+from asyncfl.algorithms.fedavg import FedAvg
+from asyncfl.core.configload import to_plain
+from asyncfl.core.params import ParamSpec
+from asyncfl.core.server_opt import ServerOptimizer, make_server_optimizer
+from asyncfl.core.update import FloatVector, Update
+from asyncfl.models.registry import build_model
+from asyncfl.service.checkpoint import (
+    Checkpoint,
+    checkpoint_name,
+    read_checkpoint,
+    write_checkpoint,
+)
+from asyncfl.service.config import TaskConfig
+from asyncfl.service.errors import ServiceError
+from asyncfl.service.store import LedgerRow, Store, TaskRecord
+from asyncfl.sim.seeding import derive_seed
+
+__all__ = ["Accepted", "TaskRuntime", "initial_params"]
+
+log = logging.getLogger("asyncfl.service.task")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    version: int
+    """Model version after the update."""
+    staleness: int
+    weight: float
+    stepped: bool
+
+
+def initial_params(cfg: TaskConfig) -> FloatVector:
+    """The task's initial model, seeded exactly as the simulator seeds its model."""
+    model = build_model(
+        cfg.model.name,
+        cfg.input_shape,
+        cfg.num_classes,
+        hidden=cfg.model.hidden,
+        width=cfg.model.width,
+        embed_dim=cfg.model.embed_dim,
+        lstm_hidden=cfg.model.lstm_hidden,
+        lstm_layers=cfg.model.lstm_layers,
+        seed=derive_seed(cfg.seed, "model_init"),
+    )
+    return ParamSpec.from_module(model).flatten(model.state_dict())
+
+
+class TaskRuntime:
+    def __init__(self, cfg: TaskConfig, store: Store, ckpt_dir: Path, keep_checkpoints: int = 2):
+        self.cfg = cfg
+        self.store = store
+        self.ckpt_dir = ckpt_dir
+        self.keep_checkpoints = keep_checkpoints
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.agg: Aggregator
+        self.optimizer: ServerOptimizer
+        self.finished = False
+        self.accepted_total = 0
+        self.recover()
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.agg.version
+
+    @property
+    def dim(self) -> int:
+        return self.agg.dim
+
+    @property
+    def sync(self) -> bool:
+        return isinstance(self.agg, FedAvg)
+
+    def params(self) -> FloatVector:
+        """The current model. The aggregator replaces (never mutates) its vector on a step, so
+        this reference stays a consistent snapshot of its version while it streams."""
+        return self.agg.params
+
+    def _config_json(self) -> str:
+        return json.dumps(to_plain(self.cfg), sort_keys=True)
+
+    def recover(self) -> None:
+        """(Re)build the in-memory state from the durable state: checkpoint + buffered rows."""
+        rec = self.store.task(self.cfg.id)
+        if rec is None:
+            init = initial_params(self.cfg)
+            path = self.ckpt_dir / checkpoint_name(self.cfg.id, 0)
+            opt = make_server_optimizer(self.cfg.server_optimizer, init.shape[0])
+            write_checkpoint(path, Checkpoint(0, init, opt.state_dict()))
+            rec = TaskRecord(self.cfg.id, 0, path.name, init.shape[0], self._config_json(), False)
+            self.store.create_task(rec)
+        ckpt = read_checkpoint(self.ckpt_dir / rec.checkpoint)
+        if ckpt.version != rec.version or ckpt.params.shape != (rec.dim,):
+            raise RuntimeError(
+                f"checkpoint {rec.checkpoint} holds version {ckpt.version} dim "
+                f"{ckpt.params.shape}; the ledger expects version {rec.version} dim {rec.dim}"
+            )
+        self.optimizer = make_server_optimizer(self.cfg.server_optimizer, rec.dim)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.agg = make_aggregator(self.cfg.algorithm, ckpt.params, self.optimizer)
+        self.agg.resume_at(rec.version)
+        self.finished = rec.finished or rec.version >= self.cfg.max_server_steps
+        self._remove_orphans(rec.version)
+        counts = self.store.counts(self.cfg.id)
+        self.accepted_total = sum(counts.values())
+        for row in self.store.rows(self.cfg.id, "buffered"):
+            assert row.delta is not None
+            out = self.agg.on_update(
+                Update(row.client_id, row.base_version, row.num_examples, row.delta)
+            )
+            if not out.accepted or out.step is not None or out.discarded:
+                # Only possible if the task's config changed between runs (e.g. a smaller K).
+                raise RuntimeError(
+                    f"replaying ledger row {row.seq} of task {self.cfg.id!r} gave {out}; "
+                    "was the task's algorithm config changed? Use a new task id instead."
+                )
+        log.info(
+            "task recovered",
+            extra={"task": self.cfg.id, "version": rec.version, "buffered": self.agg.buffered},
+        )
+
+    def _remove_orphans(self, current: int) -> None:
+        prefix = f"{self.cfg.id}-v"
+        for p in self.ckpt_dir.glob(f"{prefix}*.safetensors"):
+            v = int(p.name[len(prefix) : -len(".safetensors")])
+            # Newer than the ledger: written by a step whose commit never happened.
+            if v > current or v <= current - self.keep_checkpoints:
+                p.unlink(missing_ok=True)
+        for p in self.ckpt_dir.glob(f".{prefix}*.tmp-*"):
+            p.unlink(missing_ok=True)
+
+    # -- events -----------------------------------------------------------------------------
+    def submit(
+        self,
+        client_id: int,
+        upload_id: str,
+        base_version: int,
+        num_examples: int,
+        delta: FloatVector,
+    ) -> Accepted:
+        """Accept one update durably or raise :class:`ServiceError` with state unchanged."""
+        if self.store.find_upload(self.cfg.id, client_id, upload_id) is not None:
+            raise ServiceError("duplicate_upload", f"client {client_id} upload {upload_id}")
+        if self.finished:
+            raise ServiceError("task_finished", f"task {self.cfg.id} at {self.version}")
+        bound = self.cfg.max_update_norm
+        if bound is not None and delta.dtype == np.float32 and delta.ndim == 1:
+            norm = float(np.linalg.norm(delta.astype(np.float64)))
+            if math.isfinite(norm) and norm > bound:
+                raise ServiceError("norm_too_large", f"norm {norm:.4g} > {bound}")
+        version_before = self.agg.version
+        out = self.agg.on_update(Update(client_id, base_version, num_examples, delta))
+        if not out.accepted:
+            assert out.reason is not None
+            raise ServiceError(out.reason, out.detail or "")
+        row = LedgerRow(
+            self.cfg.id,
+            client_id,
+            upload_id,
+            base_version,
+            num_examples,
+            version_before,
+            out.staleness,
+            out.weight,
+            delta,
+        )
+        self._persist(row, out)
+        self.accepted_total += 1
+        return Accepted(self.agg.version, out.staleness, out.weight, out.step is not None)
+
+    def deadline(self, version: int) -> Outcome:
+        """Close FedAvg round ``version`` (its deadline passed or all its clients are gone)."""
+        if not isinstance(self.agg, FedAvg) or self.finished:
+            return Outcome(accepted=True)
+        out = self.agg.on_deadline(version)
+        if out.step is not None or out.discarded:
+            self._persist(None, out)
+        return out
+
+    def _persist(self, row: LedgerRow | None, out: Outcome) -> None:
+        """Make ``out`` durable; on failure rebuild memory from disk so the two never diverge."""
+        try:
+            if out.step is not None:
+                v = out.step.version
+                path = self.ckpt_dir / checkpoint_name(self.cfg.id, v)
+                write_checkpoint(path, Checkpoint(v, self.agg.params, self.optimizer.state_dict()))
+                finished = v >= self.cfg.max_server_steps
+                self.store.commit(self.cfg.id, row, step=(v, path.name), finished=finished)
+                self.finished = finished
+                old = self.ckpt_dir / checkpoint_name(self.cfg.id, v - self.keep_checkpoints)
+                old.unlink(missing_ok=True)
+                log.info(
+                    "server step",
+                    extra={
+                        "task": self.cfg.id,
+                        "version": v,
+                        "updates": out.step.num_updates,
+                        "norm": out.step.pseudo_grad_norm,
+                    },
+                )
+            else:
+                self.store.commit(self.cfg.id, row, discard=out.discarded > 0)
+        except Exception:
+            log.exception("persisting failed; rebuilding task state from disk")
+            self.recover()
+            raise

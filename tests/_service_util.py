@@ -1,0 +1,142 @@
+"""Helpers of the service tests: configs, server/client subprocesses on 127.0.0.1, the ledger."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from asyncfl.algorithms.factory import make_aggregator
+from asyncfl.core.configload import build_config
+from asyncfl.core.server_opt import make_server_optimizer
+from asyncfl.core.update import Update
+from asyncfl.service.checkpoint import read_checkpoint
+from asyncfl.service.config import ServiceConfig
+
+DATA = {"name": "synthetic", "num_clients": 12, "synthetic_alpha": 0.5, "synthetic_beta": 0.5}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_setup(tmp: Path, task: dict[str, Any], port: int, **storage: Any) -> Path:
+    """Server config + secret + client data config in ``tmp``; returns the server config path."""
+    (tmp / "secret").write_text(secrets.token_hex(32))
+    (tmp / "data.yaml").write_text(yaml.safe_dump({"seed": 0, "data": DATA}))
+    cfg = {
+        "server": {"host": "127.0.0.1", "port": port, "insecure": True},
+        "auth": {"secret_file": str(tmp / "secret")},
+        "storage": {"dir": str(tmp / "state"), **storage},
+        "selector": {"retry_after_s": 0.05},
+        "tasks": [task],
+    }
+    path = tmp / "server.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    build_config(ServiceConfig, cfg)  # fail here, not in a subprocess, if the test config is bad
+    return path
+
+
+def start_server(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncfl.cli", "serve", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start listening within 30 s")
+
+
+def start_clients(tmp: Path, port: int, ids: str, report: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "asyncfl.cli",
+            "client",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--clients",
+            ids,
+            "--data-config",
+            str(tmp / "data.yaml"),
+            "--secret-file",
+            str(tmp / "secret"),
+            "--insecure",
+            "--report",
+            str(report),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def ledger(tmp: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{tmp / 'state' / 'ledger.sqlite'}?mode=ro", uri=True)
+
+
+def task_version(tmp: Path, task_id: str) -> int:
+    try:
+        with ledger(tmp) as db:
+            row = db.execute("SELECT version FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+    except sqlite3.Error:
+        return -1
+    return -1 if row is None else int(row[0])
+
+
+def check_ledger_exactly_once(tmp: Path, task: dict[str, Any], per_step: int) -> int:
+    """Every applied update applied once, ``per_step`` per version, and the final checkpoint is
+    exactly what replaying the ledger from the initial checkpoint gives. Returns the version."""
+    cfg = build_config(ServiceConfig, {"auth": {"secret_file": "x"}, "tasks": [task]}).tasks[0]
+    with ledger(tmp) as db:
+        version, ckpt_name = db.execute(
+            "SELECT version, checkpoint FROM tasks WHERE task_id = ?", (cfg.id,)
+        ).fetchone()
+        rows = db.execute(
+            "SELECT client_id, upload_id, base_version, num_examples, applied_version, delta "
+            "FROM updates WHERE task_id = ? AND status = 'applied' ORDER BY seq",
+            (cfg.id,),
+        ).fetchall()
+        dup = db.execute(
+            "SELECT COUNT(*) FROM (SELECT client_id, upload_id FROM updates "
+            "GROUP BY client_id, upload_id HAVING COUNT(*) > 1)"
+        ).fetchone()[0]
+    assert dup == 0
+    per_version: dict[int, int] = {}
+    for r in rows:
+        per_version[r[4]] = per_version.get(r[4], 0) + 1
+    assert per_version == {v: per_step for v in range(1, version + 1)}, per_version
+    # Replay from the initial model: the final checkpoint must be reproduced bit for bit.
+    ckpt_dir = tmp / "state" / "checkpoints"
+    from asyncfl.service.task import initial_params
+
+    params = initial_params(cfg)
+    opt = make_server_optimizer(cfg.server_optimizer, params.shape[0])
+    agg = make_aggregator(cfg.algorithm, params, opt)
+    for client, _uid, base, n, _v, blob in rows:
+        delta = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        out = agg.on_update(Update(client, base, n, delta))
+        assert out.accepted, out
+    final = read_checkpoint(ckpt_dir / ckpt_name)
+    assert final.version == version == agg.version
+    np.testing.assert_array_equal(final.params, agg.params)
+    return int(version)

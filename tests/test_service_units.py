@@ -1,0 +1,180 @@
+"""Service parts without a network: error catalog, generated stubs, tokens and leases, slots,
+the durable task runtime (exactly-once on recovery), checkpoints."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from asyncfl.core.configload import build_config
+from asyncfl.service.auth import Secret
+from asyncfl.service.checkpoint import (
+    Checkpoint,
+    checkpoint_name,
+    read_checkpoint,
+    write_checkpoint,
+)
+from asyncfl.service.config import ServiceConfig, TaskConfig
+from asyncfl.service.errors import CATALOG, ServiceError, entry_for
+from asyncfl.service.selector import Slots
+from asyncfl.service.store import Store
+from asyncfl.service.task import TaskRuntime
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "asyncfl"
+
+
+def test_catalog_covers_every_algorithm_reason() -> None:
+    pattern = re.compile(
+        r'(?:_reject\(|UpdateRejected\(|reason=|RefusalCode\.[A-Z_]+:)\s*"([a-z_]+)"'
+    )
+    found: set[str] = set()
+    for path in [*(SRC / "algorithms").glob("*.py"), SRC / "core" / "update.py"]:
+        found |= set(pattern.findall(path.read_text()))
+    assert {"bad_shape", "not_finite", "too_stale", "late"} <= found  # the scan works
+    assert found - set(CATALOG) == set()
+    assert entry_for("no_such_reason") == CATALOG["internal"]
+    with pytest.raises(KeyError):
+        ServiceError("no_such_reason")
+    # Only OK-like codes would be a bug: every entry refuses.
+    assert all(e.code != grpc.StatusCode.OK for e in CATALOG.values())
+
+
+def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
+    out = tmp_path / "gen"
+    (out / "asyncfl" / "v1").mkdir(parents=True)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(out)], check=True, capture_output=True
+    )
+    committed = SRC / "service" / "proto" / "asyncfl" / "v1"
+    for name in ("service_pb2.py", "service_pb2.pyi", "service_pb2_grpc.py"):
+        assert (out / "asyncfl" / "v1" / name).read_text() == (committed / name).read_text(), (
+            f"{name} is stale: run scripts/gen_proto.sh"
+        )
+
+
+def test_tokens_and_leases() -> None:
+    s, other = Secret(b"k" * 32), Secret(b"j" * 32)
+    tok = s.token("12")
+    assert s.verify_token(tok) == "12"
+    assert other.verify_token(tok) is None
+    assert s.verify_token("13" + tok[2:]) is None  # a token speaks for its principal only
+    assert s.verify_token("garbage") is None
+    lease = s.sign_lease("t", 12, 3, 1000.5)
+    got = s.verify_lease(lease)
+    assert got is not None and (got.task_id, got.client_id, got.version) == ("t", 12, 3)
+    assert s.verify_lease(lease.replace(":12:", ":13:")) is None
+    assert other.verify_lease(lease) is None
+    with pytest.raises(ValueError, match="bytes"):
+        Secret(b"short")
+
+
+def test_slots_fast_replacement_and_rounds() -> None:
+    fb = Slots(capacity=2, sync=False)
+    assert fb.try_take("a", 0, 0.0, 10.0) and fb.try_take("b", 0, 0.0, 10.0)
+    assert not fb.try_take("c", 0, 0.0, 10.0)  # Mc reached: retry later
+    fb.release("a")  # a finished client frees its slot at once
+    assert fb.try_take("c", 0, 1.0, 10.0)
+    assert fb.try_take("d", 0, 10.5, 10.0)  # "b" expired at 10.0
+    avg = Slots(capacity=2, sync=True)
+    assert avg.try_take("a", 0, 0.0, 10.0) and avg.try_take("b", 0, 0.0, 10.0)
+    avg.release("a")
+    assert not avg.try_take("c", 0, 0.0, 10.0)  # a round selects at most its cohort
+    avg.release("b")
+    assert avg.round_exhausted(0)
+    assert avg.try_take("c", 1, 0.0, 10.0)  # the next version opens a new round
+
+
+def _task(tmp: Path, **alg: object) -> TaskConfig:
+    raw = {
+        "auth": {"secret_file": "x"},
+        "tasks": [
+            {
+                "id": "t",
+                "model": {"name": "logistic"},
+                "input_shape": [4],
+                "num_classes": 3,
+                "algorithm": {"name": "fedbuff", "buffer_size": 3, **alg},
+                "server_optimizer": {"name": "adam", "lr": 0.1},
+                "max_server_steps": 5,
+            }
+        ],
+    }
+    return build_config(ServiceConfig, raw).tasks[0]
+
+
+def test_runtime_recovers_buffer_and_refuses_duplicates(tmp_path: Path) -> None:
+    cfg = _task(tmp_path, staleness={"kind": "polynomial", "a": 0.5})
+    store = Store(tmp_path / "l.sqlite")
+    rt = TaskRuntime(cfg, store, tmp_path / "ck")
+    rng = np.random.default_rng(1)
+    deltas = [rng.normal(0, 0.1, rt.dim).astype(np.float32) for _ in range(5)]
+    rt.submit(1, "a", 0, 10, deltas[0])
+    rt.submit(2, "b", 0, 20, deltas[1])
+    res = rt.submit(3, "c", 0, 30, deltas[2])
+    assert res.stepped and res.version == 1
+    rt.submit(4, "d", 0, 40, deltas[3])  # buffered, staleness 1
+    with pytest.raises(ServiceError) as dup:
+        rt.submit(4, "d", 0, 40, deltas[3])
+    assert dup.value.reason == "duplicate_upload"
+    with pytest.raises(ServiceError) as bad:
+        rt.submit(5, "e", 0, 1, deltas[4][:-1])
+    assert bad.value.reason == "bad_shape"
+    # A step whose commit never happened leaves an orphan checkpoint; recovery deletes it.
+    # "Restart" on a copy of the files (the original keeps running as the reference): the
+    # fresh runtime sees the same model, optimizer and buffer.
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck2")
+    with (
+        sqlite3.connect(tmp_path / "l.sqlite") as src,
+        sqlite3.connect(tmp_path / "l2.sqlite") as dst,
+    ):
+        src.backup(dst)
+    orphan = tmp_path / "ck2" / checkpoint_name("t", 2)
+    orphan.write_bytes(b"torn")
+    again = TaskRuntime(cfg, Store(tmp_path / "l2.sqlite"), tmp_path / "ck2")
+    assert not orphan.exists()
+    assert again.version == 1 and again.agg.buffered == 1
+    np.testing.assert_array_equal(again.params(), rt.params())
+    for key, value in rt.optimizer.state_dict().items():
+        np.testing.assert_array_equal(again.optimizer.state_dict()[key], value)
+    # Finishing the step in both gives bit-identical models (same buffer, same optimizer).
+    for r in (rt, again):
+        r.submit(6, "f", 1, 5, deltas[4])
+        r.submit(7, "g", 0, 5, deltas[0])
+    np.testing.assert_array_equal(again.params(), rt.params())
+    assert again.version == 2
+
+
+def test_checkpoint_roundtrip_is_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=1001).astype(np.float32)
+    opt = {"steps": 7, "m": rng.normal(size=1001).astype(np.float32)}
+    path = tmp_path / "c.safetensors"
+    write_checkpoint(path, Checkpoint(7, p, opt))
+    back = read_checkpoint(path)
+    assert back.version == 7 and back.optimizer["steps"] == 7
+    np.testing.assert_array_equal(back.params, p)
+    np.testing.assert_array_equal(back.optimizer["m"], opt["m"])
+    assert [f.name for f in tmp_path.iterdir()] == ["c.safetensors"]  # no temp file left
+
+
+def test_config_reports_every_problem() -> None:
+    with pytest.raises(Exception) as exc:
+        build_config(
+            ServiceConfig,
+            {
+                "auth": {},
+                "server": {"host": "0.0.0.0", "insecure": True},
+                "tasks": [{"id": "a b", "max_server_steps": 0}],
+            },
+        )
+    text = str(exc.value)
+    for field in ("insecure", "secret_file", "id", "max_server_steps"):
+        assert field in text
