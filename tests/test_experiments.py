@@ -155,5 +155,5 @@ def test_speedups_and_table_from_rows() -> None:
     lines = md.splitlines()
     assert lines[0].split("|")[2].strip() == "Mc = 10"
     assert "2.00 h / 100 upd." in lines[4]
-    assert "not reached (500 upd., 10.0 h)" in lines[2]
+    assert "not reached (500 upd., 10.00 h)" in lines[2]
     assert "| FedBuff speedup vs FedAvgM  | 3.3x" in md

@@ -325,7 +325,7 @@ def _cell(r: SpeedupRow | None) -> str:
     if r is None:
         return "-"
     if not r.reached:
-        return f"not reached ({fmt_number(r.updates_run)} upd., {r.hours_run:.1f} h)"
+        return f"not reached ({fmt_number(r.updates_run)} upd., {r.hours_run:.2f} h)"
     return f"{fmt_number(r.hours)} h / {fmt_number(r.updates)} upd."
 
 
