@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from torch import nn
+
 from asyncfl.errors import ConfigProblem
 
 __all__ = ["ModelConfig"]
@@ -24,6 +26,22 @@ class ModelConfig:
     """LSTM: hidden units per layer (LEAF: 256)."""
     lstm_layers: int = 2
     """LSTM: stacked layers (LEAF: 2)."""
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
+        """The model this config describes, with weights initialised from ``seed``."""
+        from asyncfl.models.registry import build_model
+
+        return build_model(
+            self.name,
+            input_shape,
+            num_classes,
+            hidden=self.hidden,
+            width=self.width,
+            embed_dim=self.embed_dim,
+            lstm_hidden=self.lstm_hidden,
+            lstm_layers=self.lstm_layers,
+            seed=seed,
+        )
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []

@@ -39,7 +39,6 @@ from asyncfl.core.configload import build_config
 from asyncfl.core.update import FloatVector
 from asyncfl.errors import AsyncFLError
 from asyncfl.models.config import ModelConfig
-from asyncfl.models.registry import build_model
 from asyncfl.service.auth import bearer_metadata
 from asyncfl.service.errors import REASON_KEY
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
@@ -152,16 +151,7 @@ class TorchTrainer:
             shape = tuple(int(d) for d in spec.pop("input_shape"))
             classes = int(spec.pop("num_classes"))
             mcfg = build_config(ModelConfig, spec)
-            model = build_model(
-                mcfg.name,
-                shape,
-                classes,
-                hidden=mcfg.hidden,
-                width=mcfg.width,
-                embed_dim=mcfg.embed_dim,
-                lstm_hidden=mcfg.lstm_hidden,
-                lstm_layers=mcfg.lstm_layers,
-            )
+            model = mcfg.build(shape, classes)
         self._trainer = LocalTrainer(model, ccfg)
         if self._trainer.spec.dim != a.model_dim:
             raise ClientError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from asyncfl.core.configload import to_plain
 from asyncfl.core.params import ParamSpec
 from asyncfl.core.server_opt import ServerOptimizer, make_server_optimizer
 from asyncfl.core.update import FloatVector, Update
-from asyncfl.models.registry import build_model
 from asyncfl.service.checkpoint import (
     Checkpoint,
     checkpoint_name,
@@ -39,9 +39,20 @@ from asyncfl.service.errors import ServiceError
 from asyncfl.service.store import LedgerRow, Store, TaskRecord
 from asyncfl.sim.seeding import derive_seed
 
-__all__ = ["Accepted", "TaskRuntime", "initial_params"]
+__all__ = ["Accepted", "Submission", "TaskRuntime", "initial_params"]
 
 log = logging.getLogger("asyncfl.service.task")
+
+
+@dataclass(frozen=True, eq=False)
+class Submission:
+    """One received upload, as the aggregator role gets it."""
+
+    client_id: int
+    upload_id: str
+    base_version: int
+    num_examples: int
+    delta: FloatVector
 
 
 @dataclass(frozen=True)
@@ -55,17 +66,7 @@ class Accepted:
 
 def initial_params(cfg: TaskConfig) -> FloatVector:
     """The task's initial model, seeded exactly as the simulator seeds its model."""
-    model = build_model(
-        cfg.model.name,
-        cfg.input_shape,
-        cfg.num_classes,
-        hidden=cfg.model.hidden,
-        width=cfg.model.width,
-        embed_dim=cfg.model.embed_dim,
-        lstm_hidden=cfg.model.lstm_hidden,
-        lstm_layers=cfg.model.lstm_layers,
-        seed=derive_seed(cfg.seed, "model_init"),
-    )
+    model = cfg.model.build(cfg.input_shape, cfg.num_classes, derive_seed(cfg.seed, "model_init"))
     return ParamSpec.from_module(model).flatten(model.state_dict())
 
 
@@ -163,34 +164,93 @@ class TaskRuntime:
         delta: FloatVector,
     ) -> Accepted:
         """Accept one update durably or raise :class:`ServiceError` with state unchanged."""
-        if self.store.find_upload(self.cfg.id, client_id, upload_id) is not None:
-            raise ServiceError("duplicate_upload", f"client {client_id} upload {upload_id}")
+        res = self.submit_many(
+            [Submission(client_id, upload_id, base_version, num_examples, delta)]
+        )[0]
+        if isinstance(res, ServiceError):
+            raise res
+        return res
+
+    def submit_many(self, items: Sequence[Submission]) -> list[Accepted | ServiceError]:
+        """Accept a batch of concurrent uploads with one ledger commit per segment (group commit).
+
+        Items go through the algorithm in order, exactly as one :meth:`submit` each; the rows
+        accepted in memory are committed together in ONE transaction when a step (or a
+        discard) happens and at the end of the batch, so the fsync is shared. An item's result
+        is an :class:`Accepted` only once its row has committed; a refusal leaves every state
+        unchanged; if a commit fails, memory is rebuilt from disk and every item not yet
+        committed gets ``internal`` (retryable: its retry with the same upload id is new).
+        """
+        results: list[Accepted | ServiceError | None] = [None] * len(items)
+        first_of: dict[tuple[int, str], int] = {}
+        pending: list[tuple[int, LedgerRow, Accepted]] = []
+        try:
+            for i, it in enumerate(items):
+                key = (it.client_id, it.upload_id)
+                if key in first_of:  # the same upload twice in one batch: it shares the fate
+                    continue
+                first_of[key] = i
+                try:
+                    row, out = self._admit(it)
+                except ServiceError as err:
+                    results[i] = err
+                    continue
+                acc = Accepted(self.agg.version, out.staleness, out.weight, out.step is not None)
+                pending.append((i, row, acc))
+                if out.step is not None or out.discarded:
+                    self._persist([r for _, r, _ in pending], out)
+                    for j, _, a in pending:
+                        results[j] = a
+                    self.accepted_total += len(pending)
+                    pending = []
+            if pending:
+                self._persist([r for _, r, _ in pending], Outcome(accepted=True))
+                for j, _, a in pending:
+                    results[j] = a
+                self.accepted_total += len(pending)
+                pending = []
+        except Exception:
+            if pending:  # not committed: drop them from memory too (no-op if _persist did)
+                self.recover()
+            log.exception("batch of %d uploads failed", len(items))
+        out_list: list[Accepted | ServiceError] = []
+        for i, it in enumerate(items):
+            first = first_of.get((it.client_id, it.upload_id), i)
+            res = results[first]
+            if first != i and isinstance(res, Accepted):
+                res = ServiceError("duplicate_upload", f"client {it.client_id} in one batch")
+            out_list.append(res if res is not None else ServiceError("internal", "not committed"))
+        return out_list
+
+    def _admit(self, it: Submission) -> tuple[LedgerRow, Outcome]:
+        """Checks, then the algorithm; raises :class:`ServiceError` with state unchanged."""
+        if self.store.find_upload(self.cfg.id, it.client_id, it.upload_id) is not None:
+            raise ServiceError("duplicate_upload", f"client {it.client_id} upload {it.upload_id}")
         if self.finished:
             raise ServiceError("task_finished", f"task {self.cfg.id} at {self.version}")
+        delta = it.delta
         bound = self.cfg.max_update_norm
         if bound is not None and delta.dtype == np.float32 and delta.ndim == 1:
             norm = float(np.linalg.norm(delta.astype(np.float64)))
             if math.isfinite(norm) and norm > bound:
                 raise ServiceError("norm_too_large", f"norm {norm:.4g} > {bound}")
         version_before = self.agg.version
-        out = self.agg.on_update(Update(client_id, base_version, num_examples, delta))
+        out = self.agg.on_update(Update(it.client_id, it.base_version, it.num_examples, delta))
         if not out.accepted:
             assert out.reason is not None
             raise ServiceError(out.reason, out.detail or "")
         row = LedgerRow(
             self.cfg.id,
-            client_id,
-            upload_id,
-            base_version,
-            num_examples,
+            it.client_id,
+            it.upload_id,
+            it.base_version,
+            it.num_examples,
             version_before,
             out.staleness,
             out.weight,
             delta,
         )
-        self._persist(row, out)
-        self.accepted_total += 1
-        return Accepted(self.agg.version, out.staleness, out.weight, out.step is not None)
+        return row, out
 
     def deadline(self, version: int) -> Outcome:
         """Close FedAvg round ``version`` (its deadline passed or all its clients are gone)."""
@@ -198,10 +258,10 @@ class TaskRuntime:
             return Outcome(accepted=True)
         out = self.agg.on_deadline(version)
         if out.step is not None or out.discarded:
-            self._persist(None, out)
+            self._persist([], out)
         return out
 
-    def _persist(self, row: LedgerRow | None, out: Outcome) -> None:
+    def _persist(self, rows: Sequence[LedgerRow], out: Outcome) -> None:
         """Make ``out`` durable; on failure rebuild memory from disk so the two never diverge."""
         try:
             if out.step is not None:
@@ -209,7 +269,7 @@ class TaskRuntime:
                 path = self.ckpt_dir / checkpoint_name(self.cfg.id, v)
                 write_checkpoint(path, Checkpoint(v, self.agg.params, self.optimizer.state_dict()))
                 finished = v >= self.cfg.max_server_steps
-                self.store.commit(self.cfg.id, row, step=(v, path.name), finished=finished)
+                self.store.commit(self.cfg.id, rows, step=(v, path.name), finished=finished)
                 self.finished = finished
                 old = self.ckpt_dir / checkpoint_name(self.cfg.id, v - self.keep_checkpoints)
                 old.unlink(missing_ok=True)
@@ -223,7 +283,7 @@ class TaskRuntime:
                     },
                 )
             else:
-                self.store.commit(self.cfg.id, row, discard=out.discarded > 0)
+                self.store.commit(self.cfg.id, rows, discard=out.discarded > 0)
         except Exception:
             log.exception("persisting failed; rebuilding task state from disk")
             self.recover()

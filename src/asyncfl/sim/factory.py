@@ -14,7 +14,6 @@ from asyncfl.core.server_opt import make_server_optimizer
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.registry import default_shared_data, load_dataset
 from asyncfl.errors import DataError
-from asyncfl.models.registry import build_model
 from asyncfl.sim.config import SimConfig
 from asyncfl.sim.devices import DevicePopulation, synthetic_population
 from asyncfl.sim.dp import DPMechanism
@@ -52,17 +51,7 @@ def build_simulator(
         data = load_dataset(cfg.data, cfg.seed)
     if population is None:
         population = build_population(cfg, data.num_clients, log)
-    model = build_model(
-        cfg.model.name,
-        data.input_shape,
-        data.num_classes,
-        hidden=cfg.model.hidden,
-        width=cfg.model.width,
-        embed_dim=cfg.model.embed_dim,
-        lstm_hidden=cfg.model.lstm_hidden,
-        lstm_layers=cfg.model.lstm_layers,
-        seed=derive_seed(cfg.seed, "model_init"),
-    )
+    model = cfg.model.build(data.input_shape, data.num_classes, derive_seed(cfg.seed, "model_init"))
     trainer = LocalTrainer(model, cfg.client)
     init = ParamSpec.from_module(model).flatten(model.state_dict())
     alg = cfg.algorithm
