@@ -359,6 +359,11 @@ def _headline(rows: Sequence[PapayaRow]) -> list[list[str]]:
     ]
 
 
+def _dur(hours: float) -> str:
+    """Simulated time readable at any scale: minutes below an hour."""
+    return f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.1f} min"
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.1f}x" if b > 0 else "-"
 
@@ -419,8 +424,8 @@ def papaya_table_markdown(t: PapayaTable) -> str:
         b, to, f = by[BASIC], by[TIMEOUT], by[FEDBUFF]
         lines.append(
             f"Measured: basic sync took {_ratio(b.hours, f.hours)} and the timeout variant "
-            f"{_ratio(to.hours, f.hours)} FedBuff's simulated time ({b.hours:.1f} h and "
-            f"{to.hours:.1f} h vs {f.hours:.1f} h). Top-1% perplexity: "
+            f"{_ratio(to.hours, f.hours)} FedBuff's simulated time ({_dur(b.hours)} and "
+            f"{_dur(to.hours)} vs {_dur(f.hours)}). Top-1% perplexity: "
             f"FedBuff {f.ppl_top1:.2f}, basic sync {b.ppl_top1:.2f}, timeout {to.ppl_top1:.2f}; "
             f"the 25% of clients with the most data sent {100 * b.top25_update_share:.0f}% "
             f"(basic), {100 * to.top25_update_share:.0f}% (timeout) and "
