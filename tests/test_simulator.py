@@ -177,3 +177,26 @@ def test_fedasync_runs_one_update_per_step(data: FederatedDataset) -> None:
         _cfg(FedAsyncConfig(concurrency=4), steps=8), data=data, population=pop
     ).run()
     assert r.server_steps == 8 and r.client_updates == 8
+
+
+def test_scalar_device_queries_match_vectorised() -> None:
+    rng = np.random.default_rng(0)
+    n = 50
+    pop = replace(
+        flat_population(n),
+        downlink_bps=rng.uniform(1e5, 1e7, n),
+        uplink_bps=rng.uniform(1e5, 1e7, n),
+        window_start_s=rng.uniform(0, DAY_S, n),
+        window_length_s=np.where(np.arange(n) % 5 == 0, DAY_S, rng.uniform(0, DAY_S, n)),
+    )
+    for t in (0.0, 5_000.0, 100_000.0):
+        idx = np.arange(n)
+        ends = pop.window_end(t, idx)
+        for c in range(n):
+            assert pop.window_end_one(t, c) == pytest.approx(ends[c]) or (
+                np.isinf(ends[c]) and np.isinf(pop.window_end_one(t, c))
+            )
+    down, up = pop.transfer_seconds(np.arange(n), 1000, 2000, np.random.default_rng(1))
+    for c in range(n):
+        d1, u1 = pop.transfer_seconds_one(c, 1000, 2000, np.random.default_rng(1))
+        assert d1 == pytest.approx(down[c]) and u1 == pytest.approx(up[c])

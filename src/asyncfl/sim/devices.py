@@ -9,6 +9,7 @@ following a 24-hour cycle).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -133,6 +134,26 @@ class DevicePopulation:
         into = (t - start) % DAY_S
         nxt = np.where(into < length, t, t + (DAY_S - into))
         return np.where(length <= 0, np.inf, nxt)  # a zero-length window never opens
+
+    def transfer_seconds_one(
+        self, client: int, bytes_down: int, bytes_up: int, rng: np.random.Generator
+    ) -> tuple[float, float]:
+        """:meth:`transfer_seconds` for one client, on Python floats (the per-update hot path)."""
+        down = float(self.downlink_bps[client])
+        up = float(self.uplink_bps[client])
+        if self.bandwidth_jitter > 0:
+            j = self.bandwidth_jitter
+            down *= max(1.0 + j * float(rng.standard_normal()), 0.05)
+            up *= max(1.0 + j * float(rng.standard_normal()), 0.05)
+        return bytes_down / down, bytes_up / up
+
+    def window_end_one(self, t: float, client: int) -> float:
+        """:meth:`window_end` for one client."""
+        length = float(self.window_length_s[client])
+        if length >= DAY_S:
+            return math.inf
+        into = (t - float(self.window_start_s[client])) % DAY_S
+        return t - into + length
 
     def transfer_seconds(
         self, clients: I64, bytes_down: int, bytes_up: int, rng: np.random.Generator

@@ -186,26 +186,23 @@ class Simulator:
 
     def _dispatch(self, clients: I64, t: float) -> None:
         version = self.agg.version
-        k = len(clients)
-        down, up = self.pop.transfer_seconds(
-            clients, self.model_bytes, self.model_bytes, self._device_rng
-        )
-        draws = self._device_rng.random((k, 2))  # dropout draw, moment of the dropout
-        window_end = None if self._always_online else self.pop.window_end(t, clients).tolist()
-        spe = self.pop.sec_per_example
-        p_drop = self.pop.dropout_prob
-        # Python scalars from here on: per-client numpy scalar arithmetic dominated this loop.
-        for i, (c, d_s, u_s, (u_drop, u_when)) in enumerate(
-            zip(clients.tolist(), down.tolist(), up.tolist(), draws.tolist(), strict=True)
-        ):
+        pop, rng = self.pop, self._device_rng
+        spe, p_drop = pop.sec_per_example, pop.dropout_prob
+        # Python scalars throughout: this runs once per client update, and numpy on
+        # one-element arrays costs more than the arithmetic itself.
+        for c in clients.tolist():
+            down_s, up_s = pop.transfer_seconds_one(c, self.model_bytes, self.model_bytes, rng)
             compute = self._examples_processed(int(self.train_sizes[c])) * float(spe[c])
-            duration = d_s + compute + u_s
+            duration = down_s + compute + up_s
+            u_drop, u_when = rng.random(2).tolist()
             finish = t + duration
             dropped = False
             if u_drop < p_drop[c]:
                 dropped, finish = True, t + u_when * duration
-            if window_end is not None and window_end[i] < finish:
-                dropped, finish = True, window_end[i]
+            if not self._always_online:
+                window_end = pop.window_end_one(t, c)
+                if window_end < finish:
+                    dropped, finish = True, window_end
             tid = self._next_task
             self._next_task += 1
             self.tasks[tid] = _Task(c, version, t, finish, dropped, version if self.sync else -1)
