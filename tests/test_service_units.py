@@ -155,7 +155,7 @@ def test_runtime_recovers_buffer_and_refuses_duplicates(tmp_path: Path) -> None:
 def test_checkpoint_roundtrip_is_exact(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     p = rng.normal(size=1001).astype(np.float32)
-    opt = {"steps": 7, "m": rng.normal(size=1001).astype(np.float32)}
+    opt: dict[str, np.ndarray | int] = {"steps": 7, "m": rng.normal(size=1001).astype(np.float32)}
     path = tmp_path / "c.safetensors"
     write_checkpoint(path, Checkpoint(7, p, opt))
     back = read_checkpoint(path)
@@ -178,3 +178,60 @@ def test_config_reports_every_problem() -> None:
     text = str(exc.value)
     for field in ("insecure", "secret_file", "id", "max_server_steps"):
         assert field in text
+
+
+def test_group_commit_equals_one_by_one(tmp_path: Path) -> None:
+    """A batch (with a step inside, an in-batch duplicate and a refusal) gives the same
+    answers, model and ledger as submitting one at a time, in fewer transactions."""
+    from asyncfl.service.task import Accepted, Submission
+
+    cfg = _task(tmp_path, staleness={"kind": "polynomial", "a": 0.5})
+    rng = np.random.default_rng(7)
+    deltas = [rng.normal(0, 0.1, 15).astype(np.float32) * (i + 1) for i in range(6)]
+    items = [
+        Submission(1, "a", 0, 10, deltas[0]),
+        Submission(2, "b", 0, 20, deltas[1]),
+        Submission(2, "b", 0, 20, deltas[1]),  # the same upload twice in one batch
+        Submission(3, "c", 0, 30, deltas[2][:-1]),  # bad shape
+        Submission(4, "d", 0, 40, deltas[3]),  # third accepted: step to version 1
+        Submission(5, "e", 0, 50, deltas[4]),  # buffered at staleness 1
+        Submission(6, "f", 1, 60, deltas[5]),
+    ]
+    commits: dict[str, int] = {"batch": 0, "single": 0}
+
+    def runtime(name: str) -> TaskRuntime:
+        store = Store(tmp_path / f"{name}.sqlite")
+        inner = store.commit
+
+        def counting(*args: object, **kw: object) -> None:
+            commits[name] += 1
+            inner(*args, **kw)  # type: ignore[arg-type]
+
+        store.commit = counting  # type: ignore[method-assign]
+        return TaskRuntime(cfg, store, tmp_path / name)
+
+    batch, single = runtime("batch"), runtime("single")
+    got = batch.submit_many(items)
+    want: list[object] = []
+    for it in items:
+        try:
+            want.append(
+                single.submit(
+                    it.client_id, it.upload_id, it.base_version, it.num_examples, it.delta
+                )
+            )
+        except ServiceError as err:
+            want.append(err.reason)
+    assert [r if isinstance(r, Accepted) else r.reason for r in got] == want
+    assert want[2] == "duplicate_upload" and want[3] == "bad_shape"
+    np.testing.assert_array_equal(batch.params(), single.params())
+    assert (batch.version, batch.agg.buffered, batch.accepted_total) == (1, 2, 5)
+    key = [
+        (r.client_id, r.upload_id, r.status, r.applied_version, r.weight)
+        for r in batch.store.rows("t")
+    ]
+    assert key == [
+        (r.client_id, r.upload_id, r.status, r.applied_version, r.weight)
+        for r in single.store.rows("t")
+    ]
+    assert commits == {"batch": 2, "single": 5}  # one for the step segment, one for the tail

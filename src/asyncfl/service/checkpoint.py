@@ -28,6 +28,8 @@ class Checkpoint:
     params: FloatVector
     optimizer: dict[str, np.ndarray | int]
     """``ServerOptimizer.state_dict()``."""
+    privacy: str | None = None
+    """The DP accountant's ``state_dict()`` as JSON (tasks with ``privacy.enabled``)."""
 
 
 def checkpoint_name(task_id: str, version: int) -> str:
@@ -50,6 +52,8 @@ def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
             tensors[f"optimizer.{key}"] = np.ascontiguousarray(value)
         else:
             meta[f"optimizer.{key}"] = str(int(value))
+    if ckpt.privacy is not None:
+        meta["privacy.accountant"] = ckpt.privacy
     blob = st_save(tensors, metadata=meta)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -75,4 +79,6 @@ def read_checkpoint(path: Path) -> Checkpoint:
         if k.startswith("optimizer."):
             optimizer[k.removeprefix("optimizer.")] = int(v)
     params = tensors["params"].astype(np.float32, copy=False)
-    return Checkpoint(int(meta["version"]), params, optimizer)
+    return Checkpoint(
+        int(meta["version"]), params, optimizer, privacy=meta.get("privacy.accountant")
+    )

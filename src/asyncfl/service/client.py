@@ -39,6 +39,7 @@ from asyncfl.core.configload import build_config
 from asyncfl.core.update import FloatVector
 from asyncfl.errors import AsyncFLError
 from asyncfl.models.config import ModelConfig
+from asyncfl.privacy import clip_update
 from asyncfl.service.auth import bearer_metadata
 from asyncfl.service.errors import REASON_KEY
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
@@ -55,6 +56,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "UploadRecord",
+    "clip_for_task",
     "run_client",
     "run_client_async",
     "run_clients_async",
@@ -326,7 +328,7 @@ class _Session:
             except _Transient:
                 await self.backoff()
                 continue
-            res = await asyncio.to_thread(self.trainer, params, version, a)
+            res = clip_for_task(await asyncio.to_thread(self.trainer, params, version, a), a)
             rec = await self.upload(a, version, res)
             r.uploads.append(rec)
             if rec.outcome in ("accepted", "duplicate"):
@@ -337,6 +339,22 @@ class _Session:
                     "upload refused", extra={"client": self.o.client_id, "reason": rec.outcome}
                 )
         return r
+
+
+def clip_for_task(res: TrainResult, a: pb.Assignment) -> TrainResult:
+    """User-level DP: clip the update on the device to the assignment's ``clip_norm``.
+
+    Clipping here, before the update leaves the device, is what bounds one user's influence
+    (the server clips again, so a client that skips this gains nothing). A delta that is not
+    a finite 1-D float32 vector is left for the server to refuse.
+    """
+    if a.clip_norm <= 0:
+        return res
+    try:
+        clipped, _ = clip_update(res.delta, a.clip_norm)
+    except ValueError:
+        return res
+    return TrainResult(clipped, res.num_examples)
 
 
 def _channel(opts: ClientOptions) -> grpc.aio.Channel:

@@ -17,6 +17,7 @@ from asyncfl.algorithms.fedbuff import FedBuffConfig
 from asyncfl.core.server_opt import ServerOptimizerConfig
 from asyncfl.errors import ConfigProblem
 from asyncfl.models.config import ModelConfig
+from asyncfl.sim.dp import DPSection
 from asyncfl.training.config import ClientConfig
 
 __all__ = [
@@ -165,9 +166,41 @@ class TaskConfig:
     """A client must upload within this many seconds of its assignment."""
     max_update_norm: float | None = None
     """Refuse updates whose L2 norm exceeds this (null: no bound)."""
+    privacy: DPSection = field(default_factory=DPSection)
+    """User-level differential privacy, exactly as in simulation (fixed clipping only)."""
+    population: int | None = None
+    """Devices eligible for this task: the DP accountant's N (sampling rate, default delta).
+    Required with ``privacy.enabled``; the simulator reads it from its dataset."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
+        if self.population is not None and self.population < 1:
+            out.append(ConfigProblem("population", self.population, "null or an integer >= 1"))
+        if self.privacy.enabled:
+            if self.population is None:
+                out.append(
+                    ConfigProblem(
+                        "population", None, "the number of eligible devices (privacy.enabled)"
+                    )
+                )
+            if self.privacy.clipping != "fixed":
+                out.append(
+                    ConfigProblem(
+                        "privacy.clipping",
+                        self.privacy.clipping,
+                        "fixed in the service: adaptive clipping needs each client's noised "
+                        "unclipped bit, which the upload protocol does not carry yet",
+                    )
+                )
+            weighting = getattr(self.algorithm, "example_weighting", "equal")
+            if weighting != "equal":
+                out.append(
+                    ConfigProblem(
+                        "algorithm.example_weighting",
+                        weighting,
+                        "equal with differential privacy (a user's weight must be <= 1)",
+                    )
+                )
         if not self.id or not all(c.isalnum() or c in "-_" for c in self.id):
             out.append(ConfigProblem("id", self.id, "letters, digits, '-' and '_'"))
         if self.max_server_steps < 1:

@@ -25,7 +25,7 @@ from asyncfl.service.config import ServiceConfig, TaskConfig
 from asyncfl.service.errors import ServiceError
 from asyncfl.service.selector import RateLimiter, Slots
 from asyncfl.service.store import Store
-from asyncfl.service.task import Accepted, TaskRuntime
+from asyncfl.service.task import Accepted, Submission, TaskRuntime
 
 __all__ = ["AssignmentInfo", "Coordinator", "TaskStats", "UploadHeaderInfo"]
 
@@ -46,6 +46,8 @@ class AssignmentInfo:
     lease_timeout_s: float
     client_config_json: str
     model_config_json: str
+    clip_norm: float = 0.0
+    """DP clip norm the client applies before uploading (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,11 @@ class TaskStats:
     accepted_updates: int
     updates_per_s: float
     rejected: dict[str, int]
+    epsilon: float | None = None
+    """DP epsilon spent so far (None: the task has no DP)."""
+    dp_delta: float = 0.0
+    epsilon_budget: float | None = None
+    budget_spent: bool = False
 
 
 @dataclass
@@ -84,6 +91,14 @@ class _Task:
     refused: dict[str, int] = field(default_factory=dict)
     model_json: str = ""
     client_json: str = ""
+    queue: list[_Queued] = field(default_factory=list)
+    """Uploads waiting for the next group commit."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Queued:
+    item: Submission
+    result: asyncio.Future[Accepted | ServiceError]
 
 
 class Coordinator:
@@ -107,6 +122,7 @@ class Coordinator:
         )
         self.limiter = RateLimiter(cfg.selector, clock)
         self.tasks: dict[str, _Task] = {}
+        self._drains: set[asyncio.Task[None]] = set()
         for t in cfg.tasks:
             rt = TaskRuntime(t, self.store, root / "checkpoints", cfg.storage.keep_checkpoints)
             model = {
@@ -121,6 +137,10 @@ class Coordinator:
                 model_json=json.dumps(model),
                 client_json=json.dumps(to_plain(t.client)),
             )
+
+    async def flush(self) -> None:
+        """Wait for the group commits in flight (before closing the store)."""
+        await asyncio.gather(*list(self._drains), return_exceptions=True)
 
     def close(self) -> None:
         self.store.close()
@@ -159,6 +179,7 @@ class Coordinator:
                     t.cfg.lease_timeout_s,
                     t.client_json,
                     t.model_json,
+                    clip_norm=0.0 if rt.dp is None else rt.dp.clip_norm,
                 )
         return None
 
@@ -189,15 +210,24 @@ class Coordinator:
 
     async def submit(self, client_id: int, h: UploadHeaderInfo, delta: FloatVector) -> Accepted:
         t = self.task(h.task_id)
-        try:
-            async with t.lock:
-                res = await asyncio.to_thread(
-                    t.runtime.submit, client_id, h.upload_id, h.base_version, h.num_examples, delta
-                )
-        except ServiceError as err:
-            if err.reason != "duplicate_upload":
+        mine = _Queued(
+            Submission(client_id, h.upload_id, h.base_version, h.num_examples, delta),
+            asyncio.get_running_loop().create_future(),
+        )
+        t.queue.append(mine)
+        # Group commit: a drain task takes every upload queued by the time it holds the lock
+        # and commits them in one transaction (one fsync); the drains of uploads already
+        # taken find the queue empty. The drain is a task of its own, not part of this
+        # handler: a client that hangs up mid-commit must neither release the lock while the
+        # worker thread still writes nor leave the other uploads of its batch unanswered.
+        drain = asyncio.create_task(self._drain(t))
+        self._drains.add(drain)
+        drain.add_done_callback(self._drains.discard)
+        res = await asyncio.shield(mine.result)
+        if isinstance(res, ServiceError):
+            if res.reason != "duplicate_upload":
                 t.slots.release(h.lease_id)
-            raise self._refuse(t, err) from None
+            raise self._refuse(t, res)
         t.slots.release(h.lease_id)
         now = self._clock()
         t.accept_times.append(now)
@@ -214,6 +244,20 @@ class Coordinator:
             },
         )
         return res
+
+    async def _drain(self, t: _Task) -> None:
+        async with t.lock:
+            if not t.queue:
+                return
+            batch, t.queue = t.queue, []
+            try:
+                results = await asyncio.to_thread(t.runtime.submit_many, [q.item for q in batch])
+            except Exception:  # submit_many answers every item itself; this is a bug guard
+                log.exception("group commit failed")
+                results = [ServiceError("internal")] * len(batch)
+            for q, r in zip(batch, results, strict=True):
+                if not q.result.done():
+                    q.result.set_result(r)
 
     def release(self, task_id: str, lease_id: str) -> None:
         """The client's upload failed in transit: free its slot for the next check-in."""
@@ -252,6 +296,7 @@ class Coordinator:
                 t.accept_times.popleft()
             window = max(min(_RATE_WINDOW_S, now - self.started), 1e-9)
             rejected = dict(t.refused)
+            dp = t.runtime.dp
             out.append(
                 TaskStats(
                     task_id=t.cfg.id,
@@ -265,6 +310,10 @@ class Coordinator:
                     accepted_updates=t.runtime.accepted_total,
                     updates_per_s=len(t.accept_times) / window,
                     rejected=rejected,
+                    epsilon=None if dp is None else dp.accountant.epsilon(),
+                    dp_delta=0.0 if dp is None else dp.cfg.delta,
+                    epsilon_budget=None if dp is None else dp.cfg.epsilon_budget,
+                    budget_spent=t.runtime.budget_spent,
                 )
             )
         return out

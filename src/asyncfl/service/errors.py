@@ -80,6 +80,9 @@ CATALOG: dict[str, CatalogEntry] = {
         grpc.StatusCode.RESOURCE_EXHAUSTED, "checking in too often; wait", retry=True
     ),
     "ineligible": CatalogEntry(_PRECOND, "this device is not eligible for any task"),
+    "privacy_budget_spent": CatalogEntry(
+        _PRECOND, "the task's privacy budget is spent; the task has finished"
+    ),
     "internal": CatalogEntry(grpc.StatusCode.INTERNAL, "internal error; retry later", retry=True),
 }
 

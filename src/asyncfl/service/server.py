@@ -86,6 +86,7 @@ class Servicer(pb_grpc.FederatedLearningServicer):
                 lease_timeout_s=a.lease_timeout_s,
                 client_config_json=a.client_config_json,
                 model_config_json=a.model_config_json,
+                clip_norm=a.clip_norm,
             )
         )
 
@@ -176,6 +177,11 @@ class Servicer(pb_grpc.FederatedLearningServicer):
                     accepted_updates=s.accepted_updates,
                     updates_per_s=s.updates_per_s,
                     rejected=s.rejected,
+                    dp_enabled=s.epsilon is not None,
+                    epsilon=s.epsilon or 0.0,
+                    dp_delta=s.dp_delta,
+                    epsilon_budget=s.epsilon_budget or 0.0,
+                    budget_spent=s.budget_spent,
                 )
                 for s in coord.stats()
             ],
@@ -194,6 +200,7 @@ class ServiceHandle:
         with contextlib.suppress(asyncio.CancelledError):
             await self._ticker
         await self.server.stop(grace_s)
+        await self.coordinator.flush()
         self.coordinator.close()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -105,13 +106,25 @@ class Store:
         self.keep_applied_deltas = keep_applied_deltas
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        # Updates are model-sized BLOBs: 64 KiB pages store one in 16x fewer overflow pages
+        # than the 4 KiB default (measured: ~25% less time per committed 400 kB row). Only
+        # takes effect when the file is created (an existing ledger keeps its page size).
+        self._db.execute("PRAGMA page_size=65536")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # Duplicate checks run on the event loop for every upload header; on the writer's
+        # connection they waited for the commit in flight (its lock), stalling every stream.
+        # In WAL mode a second connection reads the last committed state without waiting.
+        # It may miss a commit in progress: the aggregator re-checks under its task lock.
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._read_lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
 
     # -- tasks ------------------------------------------------------------------------------
     def task(self, task_id: str) -> TaskRecord | None:
@@ -136,8 +149,9 @@ class Store:
 
     # -- ledger -----------------------------------------------------------------------------
     def find_upload(self, task_id: str, client_id: int, upload_id: str) -> LedgerRow | None:
-        with self._lock:
-            r = self._db.execute(
+        """The committed row of this upload, if any (never waits for a commit in flight)."""
+        with self._read_lock:
+            r = self._reader.execute(
                 f"SELECT {_ROW_COLUMNS} FROM updates "
                 "WHERE task_id = ? AND client_id = ? AND upload_id = ?",
                 (task_id, client_id, upload_id),
@@ -166,17 +180,20 @@ class Store:
     def commit(
         self,
         task_id: str,
-        row: LedgerRow | None,
+        rows: Sequence[LedgerRow],
         *,
         step: tuple[int, str] | None = None,
         discard: bool = False,
         finished: bool = False,
     ) -> None:
-        """One transaction: insert ``row`` (buffered), then either apply every buffered row as
-        ``step = (new version, checkpoint path)`` or mark them ``discarded``."""
+        """One transaction: insert ``rows`` (buffered, in this order), then either apply every
+        buffered row as ``step = (new version, checkpoint path)`` or mark them ``discarded``.
+
+        Several rows in one transaction is the group commit of concurrent uploads: one fsync
+        for all of them, and each is acknowledged only after this returns."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            if row is not None:
+            for row in rows:
                 delta = None if row.delta is None else row.delta.astype("<f4").tobytes()
                 self._db.execute(
                     "INSERT INTO updates (task_id, client_id, upload_id, base_version, "

@@ -12,6 +12,7 @@ Not thread-safe: the server calls it under one lock per task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from asyncfl.core.configload import to_plain
 from asyncfl.core.params import ParamSpec
 from asyncfl.core.server_opt import ServerOptimizer, make_server_optimizer
 from asyncfl.core.update import FloatVector, Update
+from asyncfl.privacy import clip_update
 from asyncfl.service.checkpoint import (
     Checkpoint,
     checkpoint_name,
@@ -36,7 +38,9 @@ from asyncfl.service.checkpoint import (
 )
 from asyncfl.service.config import TaskConfig
 from asyncfl.service.errors import ServiceError
+from asyncfl.service.privacy import accountant_json, load_accountant, make_task_dp
 from asyncfl.service.store import LedgerRow, Store, TaskRecord
+from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.seeding import derive_seed
 
 __all__ = ["Accepted", "Submission", "TaskRuntime", "initial_params"]
@@ -80,6 +84,9 @@ class TaskRuntime:
         self.agg: Aggregator
         self.optimizer: ServerOptimizer
         self.finished = False
+        self.budget_spent = False
+        """Finished because one more step would exceed the privacy budget."""
+        self.dp: DPMechanism | None = None
         self.accepted_total = 0
         self.recover()
 
@@ -111,7 +118,9 @@ class TaskRuntime:
             init = initial_params(self.cfg)
             path = self.ckpt_dir / checkpoint_name(self.cfg.id, 0)
             opt = make_server_optimizer(self.cfg.server_optimizer, init.shape[0])
-            write_checkpoint(path, Checkpoint(0, init, opt.state_dict()))
+            dp0 = make_task_dp(self.cfg)
+            privacy = None if dp0 is None else accountant_json(dp0)
+            write_checkpoint(path, Checkpoint(0, init, opt.state_dict(), privacy))
             rec = TaskRecord(self.cfg.id, 0, path.name, init.shape[0], self._config_json(), False)
             self.store.create_task(rec)
         ckpt = read_checkpoint(self.ckpt_dir / rec.checkpoint)
@@ -122,9 +131,20 @@ class TaskRuntime:
             )
         self.optimizer = make_server_optimizer(self.cfg.server_optimizer, rec.dim)
         self.optimizer.load_state_dict(ckpt.optimizer)
-        self.agg = make_aggregator(self.cfg.algorithm, ckpt.params, self.optimizer)
+        self.dp = make_task_dp(self.cfg, rec.version)
+        if self.dp is not None:
+            if ckpt.privacy is None:
+                raise RuntimeError(
+                    f"checkpoint {rec.checkpoint} has no privacy accountant but task "
+                    f"{self.cfg.id!r} has privacy.enabled; use a new task id to turn DP on"
+                )
+            load_accountant(self.dp, ckpt.privacy)
+        self.agg = make_aggregator(self.cfg.algorithm, ckpt.params, self.optimizer, self.dp)
         self.agg.resume_at(rec.version)
-        self.finished = rec.finished or rec.version >= self.cfg.max_server_steps
+        self.budget_spent = self.dp is not None and self.dp.accountant.would_exceed()
+        self.finished = (
+            rec.finished or rec.version >= self.cfg.max_server_steps or self.budget_spent
+        )
         self._remove_orphans(rec.version)
         counts = self.store.counts(self.cfg.id)
         self.accepted_total = sum(counts.values())
@@ -227,8 +247,16 @@ class TaskRuntime:
         if self.store.find_upload(self.cfg.id, it.client_id, it.upload_id) is not None:
             raise ServiceError("duplicate_upload", f"client {it.client_id} upload {it.upload_id}")
         if self.finished:
+            if self.budget_spent:
+                raise ServiceError("privacy_budget_spent", f"task {self.cfg.id}")
             raise ServiceError("task_finished", f"task {self.cfg.id} at {self.version}")
         delta = it.delta
+        if self.dp is not None:
+            # Clipped on the device already; clipping again makes the sensitivity bound the
+            # server's own guarantee. The ledger keeps what the algorithm added. ValueError:
+            # not a finite 1-D float32 vector, which the algorithm refuses below.
+            with contextlib.suppress(ValueError):
+                delta = clip_update(delta, self.dp.clip_norm)[0]
         bound = self.cfg.max_update_norm
         if bound is not None and delta.dtype == np.float32 and delta.ndim == 1:
             norm = float(np.linalg.norm(delta.astype(np.float64)))
@@ -267,10 +295,15 @@ class TaskRuntime:
             if out.step is not None:
                 v = out.step.version
                 path = self.ckpt_dir / checkpoint_name(self.cfg.id, v)
-                write_checkpoint(path, Checkpoint(v, self.agg.params, self.optimizer.state_dict()))
-                finished = v >= self.cfg.max_server_steps
+                privacy = None if self.dp is None else accountant_json(self.dp)
+                write_checkpoint(
+                    path, Checkpoint(v, self.agg.params, self.optimizer.state_dict(), privacy)
+                )
+                spent = self.dp is not None and self.dp.accountant.would_exceed()
+                finished = v >= self.cfg.max_server_steps or spent
                 self.store.commit(self.cfg.id, rows, step=(v, path.name), finished=finished)
                 self.finished = finished
+                self.budget_spent = spent
                 old = self.ckpt_dir / checkpoint_name(self.cfg.id, v - self.keep_checkpoints)
                 old.unlink(missing_ok=True)
                 log.info(

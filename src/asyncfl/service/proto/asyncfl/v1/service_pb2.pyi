@@ -23,7 +23,7 @@ class CheckInRequest(_message.Message):
     def __init__(self, num_examples: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("task_id", "lease_id", "model_version", "model_dim", "lease_timeout_s", "client_config_json", "model_config_json")
+    __slots__ = ("task_id", "lease_id", "model_version", "model_dim", "lease_timeout_s", "client_config_json", "model_config_json", "clip_norm")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class Assignment(_message.Message):
     LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     CLIENT_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     lease_id: str
     model_version: int
@@ -38,7 +39,8 @@ class Assignment(_message.Message):
     lease_timeout_s: float
     client_config_json: str
     model_config_json: str
-    def __init__(self, task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., model_version: _Optional[int] = ..., model_dim: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., client_config_json: _Optional[str] = ..., model_config_json: _Optional[str] = ...) -> None: ...
+    clip_norm: float
+    def __init__(self, task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., model_version: _Optional[int] = ..., model_dim: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., client_config_json: _Optional[str] = ..., model_config_json: _Optional[str] = ..., clip_norm: _Optional[float] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
     __slots__ = ("assignment", "retry_after_s", "done")
@@ -111,7 +113,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "algorithm", "model_version", "max_server_steps", "finished", "active_clients", "concurrency_target", "buffered", "accepted_updates", "updates_per_s", "rejected")
+    __slots__ = ("task_id", "algorithm", "model_version", "max_server_steps", "finished", "active_clients", "concurrency_target", "buffered", "accepted_updates", "updates_per_s", "rejected", "dp_enabled", "epsilon", "dp_delta", "epsilon_budget", "budget_spent")
     class RejectedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +132,11 @@ class TaskStatus(_message.Message):
     ACCEPTED_UPDATES_FIELD_NUMBER: _ClassVar[int]
     UPDATES_PER_S_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DP_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SPENT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     algorithm: str
     model_version: int
@@ -141,7 +148,12 @@ class TaskStatus(_message.Message):
     accepted_updates: int
     updates_per_s: float
     rejected: _containers.ScalarMap[str, int]
-    def __init__(self, task_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., model_version: _Optional[int] = ..., max_server_steps: _Optional[int] = ..., finished: _Optional[bool] = ..., active_clients: _Optional[int] = ..., concurrency_target: _Optional[int] = ..., buffered: _Optional[int] = ..., accepted_updates: _Optional[int] = ..., updates_per_s: _Optional[float] = ..., rejected: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    dp_enabled: bool
+    epsilon: float
+    dp_delta: float
+    epsilon_budget: float
+    budget_spent: bool
+    def __init__(self, task_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., model_version: _Optional[int] = ..., max_server_steps: _Optional[int] = ..., finished: _Optional[bool] = ..., active_clients: _Optional[int] = ..., concurrency_target: _Optional[int] = ..., buffered: _Optional[int] = ..., accepted_updates: _Optional[int] = ..., updates_per_s: _Optional[float] = ..., rejected: _Optional[_Mapping[str, int]] = ..., dp_enabled: _Optional[bool] = ..., epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., budget_spent: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("tasks", "uptime_s")
