@@ -57,6 +57,12 @@ CATALOG: dict[str, CatalogEntry] = {
     "mismatch": CatalogEntry(
         grpc.StatusCode.ABORTED, "secure buffer resynchronised; retry", retry=True
     ),
+    # -- from the LightSecAgg buffer (asyncfl.algorithms.lightsecagg_fedbuff) -------------
+    "protocol": CatalogEntry(_INVALID, "secure-aggregation protocol message refused"),
+    "weight_overflow": CatalogEntry(_INVALID, "contribution weight would overflow the field"),
+    "unmask_failed": CatalogEntry(
+        grpc.StatusCode.ABORTED, "too few survivors to unmask the buffer; retry", retry=True
+    ),
     # -- found by the service ------------------------------------------------------------
     "unauthenticated": CatalogEntry(
         grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
