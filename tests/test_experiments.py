@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from asyncfl.cli.experiment import experiment_app
 from asyncfl.experiments.common import fmt_number, markdown_table, reached_at, slug
+from asyncfl.experiments.dp import CLIP_ONLY_NOISE, DP_TINY
 from asyncfl.experiments.papaya import PAPAYA_TINY, run_papaya
 from asyncfl.experiments.speedup import (
     SPEEDUP_TINY,
@@ -157,3 +158,59 @@ def test_speedups_and_table_from_rows() -> None:
     assert "2.00 h / 100 upd." in lines[4]
     assert "not reached (500 upd., 10.00 h)" in lines[2]
     assert "| FedBuff speedup vs FedAvgM  | 3.3x" in md
+
+
+def test_dp_cli_tiny_epsilon_within_target_and_inf_rows_noise_free(tmp_path: Path) -> None:
+    res = CliRunner().invoke(experiment_app, ["dp", "--tiny", "--quiet", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "table.json").read_text())
+    rows = data["rows"]
+    # JSON has no inf: the two epsilon = inf rows carry null.
+    assert [(r["algorithm"], r["kind"], r["target_epsilon"]) for r in rows] == [
+        ("FedAvg", "dp", 4.0),
+        ("FedAvg", "clip_only", None),
+        ("FedAvg", "no_dp", None),
+        ("FedBuff", "dp", 4.0),
+        ("FedBuff", "clip_only", None),
+        ("FedBuff", "no_dp", None),
+    ]
+    assert data["delta"] == pytest.approx(1 / (10 * data["num_clients"]))
+    for r in rows:
+        # Every run takes the planned T steps: the budget guard never cut a calibrated run.
+        assert r["server_steps"] == r["steps_planned"] == DP_TINY.server_steps
+        assert r["stop_reason"] == "max_server_steps"
+        summary = json.loads((tmp_path / slug(_dp_label(r)) / "summary.json").read_text())
+        if r["kind"] == "dp":
+            # Spent at most the target (calibration guarantees <=), and not far below it.
+            assert 0.5 * r["target_epsilon"] < r["epsilon_spent"] <= r["target_epsilon"]
+            assert summary["privacy"]["epsilon"] == pytest.approx(r["epsilon_spent"])
+            assert summary["privacy"]["noise_source"] == "seeded"
+            assert summary["privacy"]["formal_guarantee"] is False
+            assert r["noise_multiplier"] > 0.1
+        elif r["kind"] == "clip_only":
+            assert r["noise_multiplier"] == CLIP_ONLY_NOISE
+            assert summary["privacy"]["noise_multiplier"] == CLIP_ONLY_NOISE
+        else:
+            assert r["noise_multiplier"] is None and r["epsilon_spent"] is None
+            assert summary["privacy"] is None
+    by = {(r["algorithm"], r["kind"]): r for r in rows}
+    # Same target, different accountants: FedAvg's replace-one analysis (z / 2) needs more z.
+    assert by["FedAvg", "dp"]["sampling"] == "fixed_size"
+    assert by["FedBuff", "dp"]["sampling"] == "async_approx"
+    assert by["FedAvg", "dp"]["noise_multiplier"] > by["FedBuff", "dp"]["noise_multiplier"]
+    assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 1000
+    assert "| FedBuff   | inf" in (tmp_path / "table.md").read_text()
+    assert "| algorithm |" in res.output
+
+
+def _dp_label(r: dict[str, object]) -> str:
+    if r["kind"] == "dp":
+        return f"{r['algorithm']} eps={r['target_epsilon']:g}"
+    return f"{r['algorithm']} {'clip only' if r['kind'] == 'clip_only' else 'no DP'}"
+
+
+def test_dp_settings_refuse_non_finite_targets() -> None:
+    with pytest.raises(ValueError, match="inf is always run"):
+        replace(DP_TINY, epsilons=(1.0, math.inf))
+    with pytest.raises(ValueError, match="fedbuff_concurrency=3 < cohort=5"):
+        replace(DP_TINY, fedbuff_concurrency=3)

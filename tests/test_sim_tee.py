@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import dp_accounting
 import numpy as np
 import pytest
 
 from asyncfl.algorithms import FedAsyncConfig, FedAvgConfig, FedBuffConfig
+from asyncfl.core.weights import StalenessConfig
 from asyncfl.data.synthetic import synthetic_fedprox
 from asyncfl.sim.config import RunConfig, SimConfig
 from asyncfl.sim.devices import DAY_S, DevicePopulation
+from asyncfl.sim.dp import DPSection
 from asyncfl.sim.factory import build_simulator
 from asyncfl.sim.secure_rounds import SecureAggregationConfig, SecureMode, TeeBackendKind
 from asyncfl.training.config import ClientConfig
 
 N = 20
+DP_N = 30
 
 
 def _pop(n: int) -> DevicePopulation:
@@ -95,3 +101,64 @@ def test_config_refuses_tee_with_fedavg_and_non_integer_weights() -> None:
     assert "weight_bits" in paths[2]
     ok = SimConfig(algorithm=FedAsyncConfig(), secure_aggregation=SecureAggregationConfig("tee"))
     assert ok.validate() == []
+
+
+def _dp_cfg(backend: TeeBackendKind = "inprocess", **dp: object) -> SimConfig:
+    return SimConfig(
+        seed=2,
+        algorithm=FedBuffConfig(
+            concurrency=6, buffer_size=3, staleness=StalenessConfig(kind="constant")
+        ),
+        client=ClientConfig(batch_size=8, lr=0.05),
+        run=RunConfig(max_server_steps=4, eval_every=4),
+        secure_aggregation=SecureAggregationConfig(mode="tee", tee_backend=backend),
+        privacy=DPSection(enabled=True, noise_source="seeded", **dp),  # type: ignore[arg-type]
+    )
+
+
+def test_tee_dp_epsilon_matches_dp_accounting_and_backends_agree() -> None:
+    data = synthetic_fedprox(num_clients=DP_N, size_mean=2.5, seed=5)
+    runs = {}
+    for backend in ("inprocess", "subprocess"):
+        sim = build_simulator(
+            _dp_cfg(backend, noise_multiplier=1.3), data=data, population=_pop(DP_N)
+        )
+        runs[backend] = (sim.run(), sim.agg.params.copy())
+    r, params = runs["inprocess"]
+    assert r.server_steps == 4 and r.privacy is not None and r.privacy["steps"] == 4
+    assert r.privacy["noise_added_in"] == "enclave" and r.secure is not None
+    acc = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(3 / DP_N, dp_accounting.GaussianDpEvent(1.3))
+    acc.compose(event, 4)
+    assert r.privacy["epsilon"] == pytest.approx(acc.get_epsilon(1 / (10 * DP_N)), rel=1e-9)
+    # Seeded (research) noise is drawn in the enclave from the same seed in either backend.
+    np.testing.assert_array_equal(runs["subprocess"][1], params)
+
+
+def test_tee_dp_budget_stops_before_exceeding() -> None:
+    data = synthetic_fedprox(num_clients=DP_N, size_mean=2.5, seed=5)
+    cfg = replace(
+        _dp_cfg(noise_multiplier=1.0, epsilon_budget=2.0), run=RunConfig(max_server_steps=500)
+    )
+    sim = build_simulator(cfg, data=data, population=_pop(DP_N))
+    r = sim.run()
+    assert r.stop_reason == "privacy_budget" and r.privacy is not None
+    assert 0 < r.privacy["epsilon"] <= 2.0  # type: ignore[operator]
+    assert r.privacy["steps"] == r.server_steps and r.secure is not None
+    assert r.secure["releases"] == r.server_steps
+    acc = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(3 / DP_N, dp_accounting.GaussianDpEvent(1.0))
+    acc.compose(event, r.server_steps + 1)
+    assert acc.get_epsilon(1 / (10 * DP_N)) > 2.0  # one more release would have exceeded it
+
+
+def test_config_accepts_tee_with_fixed_clipping_dp_only() -> None:
+    assert _dp_cfg().validate() == []
+    adaptive = _dp_cfg(clipping="adaptive")
+    assert [p.path for p in adaptive.validate()] == ["privacy.clipping"]
+    secagg = replace(
+        _dp_cfg(),
+        algorithm=FedAvgConfig(example_weighting="equal"),
+        secure_aggregation=SecureAggregationConfig(mode="secagg"),
+    )
+    assert [p.path for p in secagg.validate()] == ["privacy.enabled"]

@@ -495,3 +495,236 @@ def test_dp_hook_noise_in_the_ring(vendor: SimulatedVendor) -> None:
     # Sample std of 4000 normals: relative sd 1/sqrt(2*4000) ~= 1.1%; 5% is > 4 sd.
     assert abs(noise.std() / sigma - 1) < 0.05 and abs(noise.mean()) < 5 * sigma / 4000**0.5
     assert np.abs(noise).max() <= 9.42 * sigma + 2.0 ** -(FRAC + S)
+
+
+def test_accumulate_with_scale_matches_plain_integer_reference() -> None:
+    from asyncfl.secure.prg import MaskExpander
+    from asyncfl.secure.ring import Ring
+
+    seed = bytes(range(32))
+    for bits in (20, 32, 62, 64):
+        ring = Ring(bits)
+        acc = ring.reduce(np.arange(7, 7 + DIM, dtype=ring.dtype) * ring.dtype.type(12345))
+        start = [int(v) for v in acc]
+        MaskExpander(ring, DIM).accumulate(acc, seed, scale=3 * 1024 + 7)
+        MaskExpander(ring, DIM).accumulate(acc, seed, negate=True)
+        ring.reduce(acc)
+        width = ring.dtype.itemsize
+        stream = (
+            Cipher(algorithms.AES(seed), modes.CTR(bytes(16)))
+            .encryptor()
+            .update(bytes(DIM * width))
+        )
+        words = [int.from_bytes(stream[i * width : (i + 1) * width], "little") for i in range(DIM)]
+        ref = [
+            (a + (3 * 1024 + 7 - 1) * m) % (1 << bits) for a, m in zip(start, words, strict=True)
+        ]
+        assert [int(v) for v in acc] == ref, bits
+    with pytest.raises(ValueError, match="scale"):
+        MaskExpander(Ring(32), DIM).accumulate(Ring(32).zeros(DIM), seed, scale=0)
+
+
+def test_smallest_ring_is_chosen_and_gives_identical_results(vendor: SimulatedVendor) -> None:
+    from asyncfl.secure.tee.enclave import with_smallest_ring
+
+    # f=12, S=10, K=3, max weight 2^10 * 50: 3 * 51200 * 2^12 < 2^31 fits; 2^20 units do not.
+    small = with_smallest_ring(_cfg(frac_bits=12))
+    assert small.ring_bits == 32 and with_smallest_ring(_cfg()).ring_bits == RING
+    assert with_smallest_ring(_cfg(frac_bits=12, min_contributions=300)).ring_bits == RING
+    assert with_smallest_ring(_cfg(frac_bits=12, noise_std=2.0**12)).ring_bits == RING
+    cfg = FedBuffConfig(buffer_size=K, example_weighting="linear")
+    results = []
+    for ecfg in (_cfg(frac_bits=12), small):
+        backend = InProcessBackend(ecfg, vendor)
+        codec = FixedPointCodec(1.0, 12, ecfg.ring_bits)
+        p0 = np.linspace(-1, 1, DIM, dtype=np.float32)
+        agg = SecureFedBuff(
+            cfg,
+            p0,
+            make_server_optimizer(ServerOptimizerConfig(), DIM),
+            backend=backend,
+            codec=codec,
+            weight_bits=S,
+        )
+        client = TeeClient(
+            vendor_public=vendor.public,
+            expected=expected_measurement(ecfg),
+            codec=codec,
+            task="t1",
+            dim=DIM,
+        )
+        rng = np.random.default_rng(8)
+        for i, d in enumerate(_deltas(6, 9)):
+            up = client.upload(
+                agg.report,
+                client_id=i,
+                base_version=max(agg.version - 1, 0),
+                num_examples=[5, 1, 50, 2, 9, 30][i],
+                delta=d,
+                rng=rng,
+            )
+            assert agg.on_masked_update(up).accepted
+        assert agg.version == 2 and agg.masked_sum.dtype == codec.ring.dtype
+        results.append(agg.params.copy())
+    np.testing.assert_array_equal(results[0], results[1])  # no sum wraps in either ring
+
+
+@pytest.mark.parametrize("subprocess", [False, True])
+def test_refused_registration_leaves_the_masked_sum_unchanged(
+    vendor: SimulatedVendor, subprocess: bool
+) -> None:
+    # The aggregator adds each upload while the enclave validates it and subtracts it again
+    # on a refusal: weight 1 (constant staleness, equal examples, S = 0) and weight != 1.
+    for staleness, weight_bits in ((StalenessConfig(kind="constant"), 0), (StalenessConfig(), S)):
+        cfg = FedBuffConfig(buffer_size=K, example_weighting="equal", staleness=staleness)
+        ecfg = _cfg(weight_bits=weight_bits, max_weight=1 << weight_bits)
+        backend = SubprocessBackend(ecfg, vendor) if subprocess else InProcessBackend(ecfg, vendor)
+        try:
+            codec = FixedPointCodec(1.0, FRAC, RING)
+            agg = SecureFedBuff(
+                cfg,
+                np.zeros(DIM, np.float32),
+                make_server_optimizer(ServerOptimizerConfig(), DIM),
+                backend=backend,
+                codec=codec,
+                weight_bits=weight_bits,
+            )
+            client = TeeClient(
+                vendor_public=vendor.public,
+                expected=expected_measurement(ecfg),
+                codec=codec,
+                task="t1",
+                dim=DIM,
+            )
+            rng = np.random.default_rng(2)
+            deltas = _deltas(3, 4)
+            ups = [
+                client.upload(
+                    agg.report, client_id=i, base_version=0, num_examples=1, delta=d, rng=rng
+                )
+                for i, d in enumerate(deltas)
+            ]
+            assert agg.on_masked_update(ups[0]).accepted
+            before = agg.masked_sum.copy()
+            sealed = ups[1].sealed
+            forged = replace(
+                ups[1],
+                sealed=SealedSeed(
+                    sealed.update_id, sealed.ephemeral_public, bytes(len(sealed.ciphertext))
+                ),
+            )
+            out = agg.on_masked_update(forged)
+            assert not out.accepted and out.reason == "bad_seal"
+            np.testing.assert_array_equal(agg.masked_sum, before)
+            assert agg.buffered == 1
+            assert agg.on_masked_update(ups[1]).accepted  # the genuine upload still counts
+        finally:
+            backend.close()
+
+
+def _dp_setup(
+    vendor: SimulatedVendor, *, dim: int, enclave_std: float, agg_std: float, noise_seed: int | None
+) -> tuple[SecureFedBuff, TeeClient, object]:
+    from asyncfl.privacy import PrivacyConfig
+    from asyncfl.sim.dp import DPMechanism
+
+    pcfg = PrivacyConfig(
+        noise_multiplier=0.8,
+        clip_norm=0.5,
+        cohort_size=K,
+        population=100,
+        delta=1e-4,
+        sampling="async_approx",
+        noise_source="seeded",
+    )
+    dp = DPMechanism(pcfg, noise_seed=0, site="enclave")
+    ecfg = _cfg(dim=dim, noise_std=enclave_std, max_weight=1 << S)
+    noise = None if noise_seed is None else SeededNoise(noise_seed)
+    backend = InProcessBackend(ecfg, vendor, noise=noise)
+    codec = FixedPointCodec(1.0, FRAC, RING, Rounding.NEAREST)
+    agg = SecureFedBuff(
+        FedBuffConfig(
+            buffer_size=K, example_weighting="equal", staleness=StalenessConfig(kind="constant")
+        ),
+        np.linspace(-1, 1, dim, dtype=np.float32),
+        make_server_optimizer(ServerOptimizerConfig(), dim),  # SGD, lr 1: x1 = x0 - g
+        backend=backend,
+        codec=codec,
+        weight_bits=S,
+        mixing_rate=0.5,  # every weight 2^(S-1): the realised total differs from K 2^S
+        dp=dp,
+        dp_noise_std=agg_std,
+    )
+    client = TeeClient(
+        vendor_public=vendor.public,
+        expected=expected_measurement(ecfg),
+        codec=codec,
+        task="t1",
+        dim=dim,
+    )
+    return agg, client, dp
+
+
+@pytest.mark.parametrize("noise_seed", [21, None])  # seeded research mode, OS CSPRNG
+def test_dp_in_enclave_noises_every_release_with_fixed_denominator(
+    vendor: SimulatedVendor, monkeypatch: pytest.MonkeyPatch, noise_seed: int | None
+) -> None:
+    from asyncfl.secure.tee.enclave import dp_noise_std
+    from asyncfl.sim.dp import DPMechanism
+
+    dim = 20_000
+    sigma = dp_noise_std(0.8, 0.5, dim=dim, frac_bits=FRAC)
+    assert sigma == pytest.approx(0.8 * (0.5 + dim**0.5 * 2.0**-FRAC))
+    agg, client, dp = _dp_setup(
+        vendor, dim=dim, enclave_std=sigma, agg_std=sigma, noise_seed=noise_seed
+    )
+    assert isinstance(dp, DPMechanism)
+    unmasked: list[np.ndarray] = []
+    real_decode = FixedPointCodec.decode_sum
+
+    def spy(self: FixedPointCodec, ring_sum: np.ndarray, total_weight: int) -> np.ndarray:
+        unmasked.append(ring_sum.copy())  # the only unmasked vector the server ever holds
+        assert total_weight == K << S  # the fixed denominator K, not the realised weight
+        return real_decode(self, ring_sum, total_weight)
+
+    monkeypatch.setattr(FixedPointCodec, "decode_sum", spy)
+    rng = np.random.default_rng(3)
+    # Asymmetric norms ~0.14, ~1.4, ~14: the last two are clipped to C = 0.5 on the device.
+    deltas = [dp.clip((rng.standard_normal(dim) * s).astype(np.float32)) for s in (1e-3, 1e-2, 0.1)]
+    x0 = agg.params.astype(np.float64)
+    for i, d in enumerate(deltas):
+        out = agg.on_masked_update(
+            client.upload(agg.report, client_id=i, base_version=0, num_examples=4, delta=d, rng=rng)
+        )
+        assert out.accepted
+    assert out.step is not None and dp.accountant.steps == 1 and len(unmasked) == 1
+    # Independent reference: plain integers for the un-noised weighted sum (weight 2^(S-1)).
+    scale = 2.0**FRAC
+    clean = sum(np.rint(np.clip(d.astype(np.float64), -1, 1) * scale) for d in deltas) * (
+        1 << (S - 1)
+    )
+    signed = unmasked[0].astype(np.int64)
+    signed = np.where(signed >= 1 << (RING - 1), signed - (1 << RING), signed).astype(np.float64)
+    noise = (signed - clean) / 2.0 ** (FRAC + S)
+    assert np.count_nonzero(noise == 0) < dim // 100, "the server held an un-noised sum"
+    if noise_seed is not None:  # replay the seeded stream: the exact ring noise
+        z = np.clip(SeededNoise(noise_seed).standard_normal(dim), -9.42, 9.42)
+        np.testing.assert_array_equal(signed - clean, np.rint(z * sigma * 2.0 ** (FRAC + S)))
+    # Sample std of 20000 normals: relative sd 1/sqrt(40000) = 0.5%; 3% is 6 sd.
+    assert abs(noise.std() / sigma - 1) < 0.03 and abs(noise.mean()) < 5 * sigma / dim**0.5
+    # Server SGD (lr 1) with g = (clean sum + noise) / (2^(f+S) K), rounded to float32.
+    expected = (x0 - (signed / 2.0 ** (FRAC + S)) / K).astype(np.float32)
+    np.testing.assert_allclose(agg.params, expected, rtol=0, atol=2e-7)
+
+
+def test_dp_release_with_the_wrong_noise_is_never_used(vendor: SimulatedVendor) -> None:
+    agg, client, dp = _dp_setup(vendor, dim=DIM, enclave_std=0.1, agg_std=0.4, noise_seed=5)
+    rng = np.random.default_rng(1)
+    x0 = agg.params.copy()
+    for i, d in enumerate(_deltas(K, 6)):
+        out = agg.on_masked_update(
+            client.upload(agg.report, client_id=i, base_version=0, num_examples=1, delta=d, rng=rng)
+        )
+    assert out.step is None and out.discarded == K and agg.version == 0
+    np.testing.assert_array_equal(agg.params, x0)
+    assert dp.accountant.steps == 1  # type: ignore[attr-defined]  # released, so accounted

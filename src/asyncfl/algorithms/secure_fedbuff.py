@@ -21,9 +21,27 @@ including the clamp to >= 1, times ``|x_i| <= c``, averaged over ``E = sum e_i``
 Enclave restarts: a reply from a new enclave boot (epoch) means the masks of everything
 buffered are gone; the masked sum is discarded (counted in ``Outcome.discarded``) and the run
 continues with the new boot's report. Nothing partial is ever unmasked.
+
+Differential privacy (``dp``): clients clip their updates to L2 norm ``C`` on the device and
+the enclave adds ``N(0, sigma^2)`` (``sigma = z C'``, see
+:func:`~asyncfl.secure.tee.enclave.dp_noise_std`) to every release, so the server only ever
+holds noised sums. The pseudo-gradient then divides by the FIXED denominator ``D`` (the
+buffer size K, DP-FedAvg's fixed-denominator estimator), not the realised weight:
+``g = (sum_i W_i q_i + noise) / (2^(f+S) D)``. The accountant is consulted before a release
+(the step that would exceed the budget raises :class:`PrivacyBudgetExceeded` before the
+update that would trigger it is registered) and records one release after it. A release
+whose ``noise_std`` is not the configured one is never used (the buffer is discarded).
+
+Cost per arrival: the aggregator multiply-adds the masked upload into its accumulator (a
+plain add when the integer weight is 1) while the enclave opens the seed and expands the mask
+(:meth:`EnclaveBackend.call_overlapped`). The add is made before the enclave's answer and
+subtracted again if the enclave refuses: ring arithmetic is exactly invertible, so a refused
+upload still leaves the accumulator unchanged.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 
@@ -51,7 +69,25 @@ from asyncfl.secure.tee.messages import (
     Response,
 )
 
-__all__ = ["SecureFedBuff", "quantise_weight"]
+__all__ = ["ReleaseAccounting", "SecureFedBuff", "quantise_weight"]
+
+
+class ReleaseAccounting(Protocol):
+    """DP bookkeeping of releases noised by the enclave (:class:`asyncfl.sim.dp.DPMechanism`)."""
+
+    @property
+    def fixed_denominator(self) -> float:
+        """D of the noised mean: the buffer size K (1 for FedAsync), fixed in advance."""
+        ...
+
+    def check_budget(self) -> None:
+        """Raise :class:`~asyncfl.errors.PrivacyBudgetExceeded` if one more release would."""
+        ...
+
+    def record_release(self) -> None:
+        """Account one noised release (one step)."""
+        ...
+
 
 _REASONS = {
     RefusalCode.MALFORMED: "malformed",
@@ -90,8 +126,18 @@ class SecureFedBuff(Aggregator):
         codec: FixedPointCodec,
         weight_bits: int,
         mixing_rate: float = 1.0,
+        dp: ReleaseAccounting | None = None,
+        dp_noise_std: float = 0.0,
     ) -> None:
         super().__init__(params, optimizer)
+        if dp is not None:
+            if not dp_noise_std > 0:
+                raise ValueError(
+                    f"dp_noise_std={dp_noise_std}: with dp the enclave must add noise (> 0)"
+                )
+            denominator = dp.fixed_denominator
+            if denominator != round(denominator) or denominator < 1:
+                raise ValueError(f"fixed denominator {denominator} must be an integer >= 1")
         if cfg.example_weighting not in ("equal", "linear"):
             raise ValueError(
                 f"example_weighting={cfg.example_weighting!r}: the secure buffer needs integer "
@@ -104,6 +150,8 @@ class SecureFedBuff(Aggregator):
         self.weight_bits = weight_bits
         self._mixing_rate = mixing_rate
         self._backend = backend
+        self._dp = dp
+        self._dp_noise_std = dp_noise_std
         self._ring = codec.ring
         self._acc = self._ring.zeros(self.dim)
         self._scratch = self._ring.zeros(self.dim)
@@ -169,20 +217,40 @@ class SecureFedBuff(Aggregator):
             return self._reject(
                 "duplicate_client", f"client {up.client_id} already has an update in the buffer"
             )
+        if self._dp is not None and len(self._ids) + 1 >= self.cfg.buffer_size:
+            self._dp.check_budget()  # raises before anything is registered
         w_int = quantise_weight(self._mixing_rate * self.cfg.staleness.weight(s), self.weight_bits)
         weight = w_int * e
-        resp = self._backend.call(
-            RegisterRequest(up.epoch, up.client_id, up.base_version, weight, up.sealed)
-        )
+        # Products wrap in the dtype (2^k divides its modulus), so the weight is taken mod it.
+        w_ring = self._acc.dtype.type(weight % (1 << (8 * self._acc.dtype.itemsize)))
+
+        mirrored = False
+
+        def mirror() -> None:
+            # Speculative: runs while the enclave validates; undone below unless registered.
+            nonlocal mirrored
+            if weight == 1:
+                np.add(self._acc, up.masked, out=self._acc)
+            else:
+                np.multiply(up.masked, w_ring, out=self._scratch)
+                np.add(self._acc, self._scratch, out=self._acc)
+            mirrored = True
+
+        req = RegisterRequest(up.epoch, up.client_id, up.base_version, weight, up.sealed)
+        try:
+            resp = self._backend.call_overlapped(req, mirror)
+        except BaseException:
+            if mirrored:
+                self._unmirror(up.masked, weight, w_ring)
+            raise
+        if mirrored and not isinstance(resp, Registered):
+            self._unmirror(up.masked, weight, w_ring)
         discarded = self._follow_epoch(resp)
         if isinstance(resp, Refused):
             out = self._reject(_REASONS[resp.code], resp.detail, s)
             return Outcome(False, s, reason=out.reason, detail=out.detail, discarded=discarded)
         if not isinstance(resp, Registered):
             raise ProtocolError(f"enclave answered a registration with {type(resp).__name__}")
-        # The enclave holds this contribution now: mirror it (ring products wrap in the dtype).
-        np.multiply(up.masked, self._acc.dtype.type(weight), out=self._scratch)
-        np.add(self._acc, self._scratch, out=self._acc)
         self._ids.append(up.sealed.update_id)
         self._clients.add(up.client_id)
         self._int_examples += e
@@ -197,6 +265,14 @@ class SecureFedBuff(Aggregator):
         return Outcome(True, s, w, step=step, discarded=discarded + lost)
 
     # -- internals ----------------------------------------------------------------------------
+    def _unmirror(self, masked: RingVector, weight: int, w_ring: np.unsignedinteger) -> None:
+        """Undo the speculative add of a contribution the enclave did not register."""
+        if weight == 1:
+            np.subtract(self._acc, masked, out=self._acc)
+        else:
+            np.multiply(masked, w_ring, out=self._scratch)
+            np.subtract(self._acc, self._scratch, out=self._acc)
+
     def _fetch_report(self) -> AttestationReport:
         resp = self._backend.call(ReportRequest())
         if not isinstance(resp, ReportResponse):
@@ -240,11 +316,20 @@ class SecureFedBuff(Aggregator):
             or resp.total_weight != self._int_weight
         ):
             return None, self._resync()
+        if self._dp is not None:
+            # Released, so accounted (conservatively even if it is not used below).
+            self._dp.record_release()
+            if resp.noise_std != self._dp_noise_std:
+                # An enclave that did not add the configured noise: never use its release.
+                return None, self._resync()
         self._ring.check(resp.unmask, self.dim)
-        # The only unmasked vector the server ever holds is this sum of >= K contributions.
-        ring_sum = self._ring.add(self._acc, resp.unmask)
+        # The only unmasked vector the server ever holds is this sum of >= K contributions
+        # (noised by the enclave under DP). Unmasked in place: _clear() zeroes it next.
+        ring_sum = self._ring.reduce(np.add(self._acc, resp.unmask, out=self._acc))
         examples = self._int_examples
-        pseudo_grad = self.codec.decode_sum(ring_sum, (1 << self.weight_bits) * examples)
+        # Under DP the FIXED denominator, never the realised weight (see the module docstring).
+        denominator = examples if self._dp is None else round(self._dp.fixed_denominator)
+        pseudo_grad = self.codec.decode_sum(ring_sum, (1 << self.weight_bits) * denominator)
         count = self._clear()
         self._params = self._optimizer.step(self._params, pseudo_grad)
         self._version += 1

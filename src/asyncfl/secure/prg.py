@@ -53,9 +53,13 @@ class MaskExpander:
         """The mask of ``seed`` as a new reduced ring vector."""
         return self.ring.reduce(self._keystream(seed).copy())
 
-    def accumulate(self, acc: RingVector, seed: bytes, negate: bool = False) -> None:
-        """``acc += mask(seed)`` (or ``-=``) with the dtype's wrap-around, unreduced.
+    def accumulate(
+        self, acc: RingVector, seed: bytes, negate: bool = False, scale: int = 1
+    ) -> None:
+        """``acc += scale * mask(seed)`` (or ``-=``) with the dtype's wrap-around, unreduced.
 
+        The keystream is scaled in place in this expander's scratch buffer, so no model-sized
+        temporary is allocated (the secure buffer's enclave calls this once per arrival).
         Call :meth:`Ring.reduce` on ``acc`` once after the last accumulation.
         """
         if acc.dtype != self.ring.dtype or acc.shape != (self.length,):
@@ -63,7 +67,12 @@ class MaskExpander:
                 f"accumulator must be {self.ring.dtype}[{self.length}], "
                 f"got {acc.dtype}{list(acc.shape)}"
             )
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"scale={scale!r} must be an integer >= 1")
         ks = self._keystream(seed)
+        if scale != 1:
+            # Products wrap modulo 2^32 or 2^64, of which 2^k is a divisor: still exact mod 2^k.
+            np.multiply(ks, ks.dtype.type(scale % (1 << (8 * ks.dtype.itemsize))), out=ks)
         if negate:
             np.subtract(acc, ks, out=acc)
         else:

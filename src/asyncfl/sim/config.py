@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +14,7 @@ from asyncfl.core.server_opt import ServerOptimizerConfig
 from asyncfl.data.registry import DataConfig
 from asyncfl.errors import ConfigProblem
 from asyncfl.models.config import ModelConfig
+from asyncfl.secure.lightsecagg.field import P as LIGHTSECAGG_P
 from asyncfl.sim.devices import SyntheticPopulationConfig
 from asyncfl.sim.dp import DPSection
 from asyncfl.sim.phones import PhonePopulationConfig
@@ -124,15 +126,17 @@ class SimConfig:
                         "synchronous rounds (algorithm.name: fedavg)",
                     )
                 )
-        elif mode == "tee" and isinstance(self.algorithm, FedAvgConfig):
+        elif mode in ("tee", "lightsecagg") and isinstance(self.algorithm, FedAvgConfig):
             out.append(
                 ConfigProblem(
                     "secure_aggregation.mode",
                     mode,
-                    "secagg or secagg+ with algorithm 'fedavg': the TEE secure buffer serves the "
+                    f"secagg or secagg+ with algorithm 'fedavg': {mode} serves the "
                     "asynchronous algorithms (fedbuff, fedasync)",
                 )
             )
+        elif mode == "lightsecagg" and not isinstance(self.algorithm, FedAvgConfig):
+            out += _lightsecagg_headroom(self.secure_aggregation, self.algorithm)
         if (
             mode != "none"
             and not isinstance(self.algorithm, FedAsyncConfig)
@@ -155,18 +159,55 @@ class SimConfig:
                         "equal with differential privacy (a user's weight must be <= 1)",
                     )
                 )
-            if mode != "none":
+            if mode in ("secagg", "secagg+"):
                 out.append(
                     ConfigProblem(
                         "privacy.enabled",
                         True,
-                        f"false with secure_aggregation.mode={mode!r}: "
-                        + (
-                            "noise inside the enclave (EnclaveConfig.noise_std) is not wired "
-                            "into the simulator's accountant yet"
-                            if mode == "tee"
-                            else "distributed DP noise for SecAgg is not implemented yet"
-                        ),
+                        f"false with secure_aggregation.mode={mode!r}: distributed DP noise "
+                        "for SecAgg is not implemented yet",
+                    )
+                )
+            elif mode == "lightsecagg":
+                out.append(
+                    ConfigProblem(
+                        "privacy.enabled",
+                        True,
+                        "false with secure_aggregation.mode='lightsecagg': distributed DP "
+                        "noise for LightSecAgg is not implemented yet",
+                    )
+                )
+            elif mode == "tee" and self.privacy.clipping != "fixed":
+                out.append(
+                    ConfigProblem(
+                        "privacy.clipping",
+                        self.privacy.clipping,
+                        "fixed with secure_aggregation.mode='tee': the enclave adds the noise "
+                        "with a std fixed in its attested configuration at boot, so the clip "
+                        "norm cannot adapt during the run",
                     )
                 )
         return out
+
+
+def _lightsecagg_headroom(
+    sec: SecureAggregationConfig, alg: FedBuffConfig | FedAsyncConfig
+) -> list[ConfigProblem]:
+    """K contributions of weight 2^weight_bits (example weight 1; the factory re-checks the
+    largest example weight) must not wrap in F_p: K 2^S ceil(clip 2^f) <= (p - 1) / 2."""
+    if not (sec.clip > 0 and 0 <= sec.frac_bits <= 52 and 0 <= sec.weight_bits <= 24):
+        return []  # reported by SecureAggregationConfig.validate
+    k = alg.buffer_size if isinstance(alg, FedBuffConfig) else 1
+    need = max(k, 1) * (1 << sec.weight_bits) * math.ceil(sec.clip * 2.0**sec.frac_bits)
+    if need <= (LIGHTSECAGG_P - 1) // 2:
+        return []
+    spare = math.ceil(math.log2(need / ((LIGHTSECAGG_P - 1) // 2)))
+    return [
+        ConfigProblem(
+            "secure_aggregation.frac_bits",
+            sec.frac_bits,
+            f"<= {sec.frac_bits - spare} with mode 'lightsecagg' (or lower weight_bits by "
+            f"{spare}): K * 2^weight_bits * clip * 2^frac_bits = {need} must stay below p/2 "
+            "(p = 2^32 - 5), e.g. frac_bits: 16 and weight_bits: 6 for K <= 32",
+        )
+    ]

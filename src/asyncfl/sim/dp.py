@@ -8,9 +8,15 @@ count; the accountant records one release per step and refuses a step past the b
 With adaptive clipping (Andrew et al. 2021) each update also reports the bit
 ``norm <= C``; their noised mean moves C towards the target quantile after every step.
 
-Where the noise is added here: by the aggregator (trusted server). With the TEE secure
-buffer it belongs inside the enclave, and with SecAgg it must be distributed among the
-clients; neither is wired yet, and the config refuses those combinations.
+Where the noise is added depends on the secure mode:
+- none: by the aggregator (a trusted server), as this module's :meth:`DPMechanism.__call__`;
+- tee: inside the enclave, once per release (``EnclaveConfig.noise_std``, in the fixed-point
+  ring), so the server never holds an un-noised sum; the aggregator
+  (:class:`~asyncfl.algorithms.secure_fedbuff.SecureFedBuff`) uses this mechanism's budget
+  check, accountant and fixed denominator (:meth:`check_budget`, :meth:`record_release`);
+  adaptive clipping is refused there (the noise std is part of the enclave's attested
+  configuration, fixed at boot);
+- secagg: would need noise distributed among the clients; not wired, the config refuses it.
 """
 
 from __future__ import annotations
@@ -32,13 +38,17 @@ from asyncfl.privacy import (
 )
 from asyncfl.privacy.config import AccountantKind, ClippingMode, SamplingScheme
 
-__all__ = ["DPMechanism", "DPSection"]
+__all__ = ["DPMechanism", "DPSection", "NoiseSite"]
+
+NoiseSite = Literal["server", "enclave"]
+"""Who adds the Gaussian noise: the aggregator, or the TEE secure buffer's enclave."""
 
 
 @dataclass(frozen=True)
 class DPSection:
     enabled: bool = False
-    """Train with user-level differential privacy."""
+    """Train with user-level differential privacy. Noise is added by the server, or, with
+    secure_aggregation.mode tee, inside the enclave (fixed clipping only)."""
     noise_multiplier: float = 1.0
     """z: std of the noise added to each step's sum, in units of the clip norm."""
     clip_norm: float = 1.0
@@ -100,9 +110,15 @@ class DPSection:
 class DPMechanism:
     """Client-side clipping plus the server's noised, fixed-denominator step (a Finalizer)."""
 
-    def __init__(self, cfg: PrivacyConfig, noise_seed: int) -> None:
+    def __init__(self, cfg: PrivacyConfig, noise_seed: int, site: NoiseSite = "server") -> None:
         cfg.check()
+        if site == "enclave" and cfg.clipping != "fixed":
+            raise ValueError(
+                "adaptive clipping with noise added in the enclave is not supported: the "
+                "enclave's noise std is fixed at boot (use clipping='fixed')"
+            )
         self.cfg = cfg
+        self.site: NoiseSite = site
         self.accountant = PrivacyAccountant(cfg)
         self.source: NoiseSource = make_noise_source(
             cfg.noise_source, noise_seed if cfg.noise_source == "seeded" else None
@@ -130,12 +146,28 @@ class DPMechanism:
         """The buffered updates were discarded without a step."""
         self._pending_bits.clear()
 
-    def __call__(self, weighted_sum: FloatVector, example_total: float, count: int) -> FloatVector:
+    @property
+    def fixed_denominator(self) -> float:
+        """D of the noised mean: cohort size (FedAvg), buffer size K (FedBuff), 1 (FedAsync)."""
+        return float(self.cfg.cohort_size)
+
+    def check_budget(self) -> None:
+        """Raise :class:`PrivacyBudgetExceeded` if one more release would pass the budget."""
         if self.accountant.would_exceed():
             raise PrivacyBudgetExceeded(
                 f"the next step would take epsilon above the budget {self.cfg.epsilon_budget} "
                 f"(spent {self.accountant.epsilon():.4g} at delta={self.cfg.delta:g})"
             )
+
+    def record_release(self) -> None:
+        """Account one noised release whose noise someone else (the enclave) added."""
+        self.accountant.record_step()
+        self._pending_bits.clear()
+
+    def __call__(self, weighted_sum: FloatVector, example_total: float, count: int) -> FloatVector:
+        if self.site != "server":
+            raise RuntimeError("the noise of this mechanism is added in the enclave")
+        self.check_budget()
         out = noised_mean(
             weighted_sum,
             noise_multiplier=self.cfg.update_noise_multiplier,
@@ -161,5 +193,6 @@ class DPMechanism:
             "sampling": self.cfg.sampling,
             "sampling_probability": self.cfg.sampling_probability,
             "noise_source": self.cfg.noise_source,
+            "noise_added_in": self.site,
             "formal_guarantee": self.cfg.noise_source == "secure",
         }

@@ -16,9 +16,10 @@ from asyncfl.data.registry import default_shared_data, load_dataset
 from asyncfl.errors import DataError
 from asyncfl.sim.config import SimConfig
 from asyncfl.sim.devices import DevicePopulation, synthetic_population
-from asyncfl.sim.dp import DPMechanism
+from asyncfl.sim.dp import DPMechanism, NoiseSite
+from asyncfl.sim.lightsecagg_buffer import LightSecAggRunner, build_lightsecagg_aggregator
 from asyncfl.sim.phones import load_phone_population
-from asyncfl.sim.secure_buffer import build_tee_aggregator
+from asyncfl.sim.secure_buffer import TeeBufferRunner, build_tee_aggregator
 from asyncfl.sim.secure_rounds import SecureRoundRunner
 from asyncfl.sim.seeding import derive_seed, rng_for
 from asyncfl.sim.simulator import Simulator
@@ -67,11 +68,12 @@ def build_simulator(
         pcfg = cfg.privacy.privacy_config(
             denominator, data.num_clients, sync=isinstance(alg, FedAvgConfig)
         )
-        dp = DPMechanism(pcfg, derive_seed(cfg.seed, "dp_noise"))
+        site: NoiseSite = "enclave" if cfg.secure_aggregation.mode == "tee" else "server"
+        dp = DPMechanism(pcfg, derive_seed(cfg.seed, "dp_noise"), site)
         if pcfg.noise_source == "seeded":
             log("privacy.noise_source=seeded: reproducible noise, NO formal privacy guarantee")
     secure = None
-    tee = None
+    tee: TeeBufferRunner | LightSecAggRunner | None = None
     aggregator: Aggregator
     if cfg.secure_aggregation.mode == "tee":
         assert not isinstance(alg, FedAvgConfig)  # SimConfig.validate refuses it
@@ -84,12 +86,33 @@ def build_simulator(
             optimizer,
             max_example_weight=int(data.train_sizes.max()) if weighting == "linear" else 1,
             mixing_rate=alg.mixing_rate if isinstance(alg, FedAsyncConfig) else 1.0,
+            dp=dp,
+            noise_seed=derive_seed(cfg.seed, "dp_noise"),
         )
         if fedbuff.buffer_size < 2:
             log(
                 "secure_aggregation.mode=tee with buffer size 1 (fedasync): every release "
                 "unmasks ONE update, so the server learns each update; the TEE then protects "
                 "only the upload in transit and at rest"
+            )
+    elif cfg.secure_aggregation.mode == "lightsecagg":
+        assert not isinstance(alg, FedAvgConfig)  # SimConfig.validate refuses it
+        fedbuff = alg if isinstance(alg, FedBuffConfig) else alg.as_fedbuff()
+        aggregator, tee = build_lightsecagg_aggregator(
+            cfg.secure_aggregation,
+            fedbuff,
+            init,
+            optimizer,
+            num_users=data.num_clients,
+            max_example_weight=(
+                int(data.train_sizes.max()) if fedbuff.example_weighting == "linear" else 1
+            ),
+            mixing_rate=alg.mixing_rate if isinstance(alg, FedAsyncConfig) else 1.0,
+        )
+        if fedbuff.buffer_size < 2:
+            log(
+                "secure_aggregation.mode=lightsecagg with buffer size 1 (fedasync): every "
+                "unmasking reveals ONE update to the server"
             )
     else:
         aggregator = make_aggregator(alg, init, optimizer, dp)

@@ -10,6 +10,17 @@ Modelling choices (docs/security.md): the simulation harness owns the simulated 
 compute and bytes of the protocol are recorded, not added to simulated time; fixed-point
 rounding uses the run's seeded generator (masks come from the OS CSPRNG and cancel, so a run
 stays reproducible).
+
+Ring: the enclave, the aggregator and the clients compute in the smallest ring that holds a
+full release (:func:`~asyncfl.secure.tee.enclave.with_smallest_ring`): ``Z_{2^32}`` (uint32,
+half the memory traffic) when ``K`` contributions of the largest weight plus the noise tail
+fit in 31 bits, else the configured ``ring_bits``. Results are the same in either ring.
+
+Differential privacy (``dp``): clients clip on the device (the simulator calls
+:meth:`DPMechanism.clip`), the enclave adds ``N(0, (z C')^2)`` to every release in the ring
+(``C' = C + sqrt(d) 2^-f``, :func:`~asyncfl.secure.tee.enclave.dp_noise_std`), from the OS
+CSPRNG or, with ``noise_source: seeded``, from ``noise_seed`` (research only), and the
+aggregator divides by the fixed denominator and accounts each release with ``dp``.
 """
 
 from __future__ import annotations
@@ -24,7 +35,8 @@ from asyncfl.algorithms.fedbuff import FedBuffConfig
 from asyncfl.algorithms.secure_fedbuff import SecureFedBuff
 from asyncfl.core.server_opt import ServerOptimizer
 from asyncfl.core.update import FloatVector, Update
-from asyncfl.errors import CryptoError, ProtocolError
+from asyncfl.errors import ConfigError, ConfigProblem, CryptoError, ProtocolError
+from asyncfl.privacy.noise import SeededNoise
 from asyncfl.secure.fixedpoint import FixedPointCodec
 from asyncfl.secure.tee import (
     EnclaveBackend,
@@ -35,6 +47,8 @@ from asyncfl.secure.tee import (
     TeeClient,
     expected_measurement,
 )
+from asyncfl.secure.tee.enclave import dp_noise_std, with_smallest_ring
+from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.secure_rounds import SecureAggregationConfig
 
 __all__ = ["TeeBufferRunner", "TeeStats", "build_tee_aggregator"]
@@ -48,6 +62,7 @@ class TeeStats:
     server_seconds: float = 0.0
     releases: int = 0
     max_error_bound: float = 0.0
+    ring_bits: int = 0
 
     def summary(self, restarts: int) -> dict[str, object]:
         n = max(self.uploads, 1)
@@ -60,6 +75,7 @@ class TeeStats:
             "client_seconds_per_update": self.client_seconds / n,
             "server_seconds_per_step": self.server_seconds / max(self.releases, 1),
             "decode_error_bound": self.max_error_bound,
+            "ring_bits": self.ring_bits,
         }
 
 
@@ -72,24 +88,62 @@ def build_tee_aggregator(
     max_example_weight: int,
     mixing_rate: float = 1.0,
     task: str = "sim",
+    dp: DPMechanism | None = None,
+    noise_seed: int | None = None,
 ) -> tuple[SecureFedBuff, TeeBufferRunner]:
-    """The enclave (booted), the aggregator in front of it, and the clients' side."""
-    codec = FixedPointCodec(clip=cfg.clip, frac_bits=cfg.frac_bits, ring_bits=cfg.ring_bits)
+    """The enclave (booted), the aggregator in front of it, and the clients' side.
+
+    With ``dp`` the enclave adds the DP noise; ``noise_seed`` is used only when ``dp``'s
+    noise source is ``seeded``. Raises :class:`~asyncfl.errors.ConfigError` if the ring
+    cannot hold ``K`` contributions of the largest weight (plus the noise tail).
+    """
+    dim = int(params.shape[0])
+    noise_std = 0.0
+    if dp is not None:
+        if dp.site != "enclave":
+            raise ValueError("build the DPMechanism with site='enclave' for the TEE buffer")
+        noise_std = dp_noise_std(
+            dp.cfg.noise_multiplier, dp.clip_norm, dim=dim, frac_bits=cfg.frac_bits
+        )
+    max_weight = (1 << cfg.weight_bits) * max(max_example_weight, 1)
     enclave_cfg = EnclaveConfig(
         task=task,
-        dim=int(params.shape[0]),
+        dim=dim,
         ring_bits=cfg.ring_bits,
         frac_bits=cfg.frac_bits,
         clip=cfg.clip,
         weight_bits=cfg.weight_bits,
         min_contributions=alg.buffer_size,
-        max_weight=(1 << cfg.weight_bits) * max(max_example_weight, 1),
+        max_weight=max_weight,
+        noise_std=noise_std,
     )
+    if enclave_cfg.weight_budget() < alg.buffer_size * max_weight:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "secure_aggregation.ring_bits",
+                    cfg.ring_bits,
+                    f"enough bits for K={alg.buffer_size} contributions of weight {max_weight} "
+                    f"(2^weight_bits x largest example weight) plus the noise tail: the budget is "
+                    f"{enclave_cfg.weight_budget()}; raise ring_bits or lower frac_bits, "
+                    "weight_bits or clip",
+                )
+            ]
+        )
+    enclave_cfg = with_smallest_ring(enclave_cfg)
+    codec = FixedPointCodec(clip=cfg.clip, frac_bits=cfg.frac_bits, ring_bits=enclave_cfg.ring_bits)
+    seeded = dp is not None and dp.cfg.noise_source == "seeded"
+    if seeded and noise_seed is None:
+        raise ValueError("privacy.noise_source=seeded needs noise_seed")
     vendor = SimulatedVendor.generate()
     backend: EnclaveBackend = (
-        SubprocessBackend(enclave_cfg, vendor)
+        SubprocessBackend(enclave_cfg, vendor, noise_seed=noise_seed if seeded else None)
         if cfg.tee_backend == "subprocess"
-        else InProcessBackend(enclave_cfg, vendor)
+        else InProcessBackend(
+            enclave_cfg,
+            vendor,
+            noise=SeededNoise(noise_seed) if seeded and noise_seed is not None else None,
+        )
     )
     agg = SecureFedBuff(
         alg,
@@ -99,6 +153,8 @@ def build_tee_aggregator(
         codec=codec,
         weight_bits=cfg.weight_bits,
         mixing_rate=mixing_rate,
+        dp=dp,
+        dp_noise_std=noise_std,
     )
     client = TeeClient(
         vendor_public=vendor.public,
@@ -107,7 +163,9 @@ def build_tee_aggregator(
         task=task,
         dim=enclave_cfg.dim,
     )
-    return agg, TeeBufferRunner(agg, client, backend)
+    runner = TeeBufferRunner(agg, client, backend)
+    runner.stats.ring_bits = enclave_cfg.ring_bits
+    return agg, runner
 
 
 class TeeBufferRunner:

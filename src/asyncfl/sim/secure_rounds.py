@@ -30,7 +30,7 @@ from asyncfl.secure.secagg import SecAggConfig, Stage, choose_parameters, run_se
 
 __all__ = ["SecureAggregationConfig", "SecureRoundRunner", "SecureRoundStats"]
 
-SecureMode = Literal["none", "secagg", "secagg+", "tee"]
+SecureMode = Literal["none", "secagg", "secagg+", "tee", "lightsecagg"]
 TeeBackendKind = Literal["inprocess", "subprocess"]
 
 
@@ -38,14 +38,16 @@ TeeBackendKind = Literal["inprocess", "subprocess"]
 class SecureAggregationConfig:
     mode: SecureMode = "none"
     """none, secagg (all-to-all, Bonawitz et al. 2017) or secagg+ (k-regular graph, Bell et
-    al. 2020) for synchronous FedAvg; tee (secure buffer in a TEE, Papaya 2022) for FedBuff
-    and FedAsync."""
+    al. 2020) for synchronous FedAvg; tee (secure buffer in a TEE, Papaya 2022) or lightsecagg
+    (coded masks, no TEE, So et al. 2021/2022) for FedBuff and FedAsync."""
     clip: float = 1.0
     """Fixed-point range: each coordinate of an update is clipped to [-clip, clip]."""
     frac_bits: int = 24
     """Fixed-point fractional bits (decoding error <= 2^-frac_bits per coordinate)."""
     ring_bits: int = 62
-    """Arithmetic modulo 2^ring_bits; headroom so the weighted sum never wraps."""
+    """Arithmetic modulo 2^ring_bits; headroom so the weighted sum never wraps. tee: the
+    2^32 ring (uint32, half the memory traffic) is used instead whenever a full release
+    (K contributions of the largest weight, plus DP noise) fits in it."""
     threshold_fraction: float = 0.5
     """SecAgg: Shamir threshold t = floor(n * fraction) + 1."""
     corrupt_fraction: float = 0.05
@@ -58,6 +60,12 @@ class SecureAggregationConfig:
     """tee: staleness weights are quantised to multiples of 2^-weight_bits in the ring."""
     tee_backend: TeeBackendKind = "inprocess"
     """tee: run the enclave in this process or in its own OS process (subprocess)."""
+    lightsecagg_privacy_fraction: float = 0.25
+    """lightsecagg: privacy threshold T = max(1, floor(N * fraction)) of the N clients: any T
+    colluding with the server learn nothing beyond the buffer's sum."""
+    lightsecagg_survivor_fraction: float = 0.5
+    """lightsecagg: U = max(T + 1, ceil(N * fraction)) answering clients unmask a buffer;
+    N - U may drop. Needs frac_bits + weight_bits + log2(K * clip) <= 31 (field p ~ 2^32)."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
@@ -81,6 +89,14 @@ class SecureAggregationConfig:
             out.append(ConfigProblem("stage_dropout_prob", self.stage_dropout_prob, "in [0, 1)"))
         if not 0 <= self.weight_bits <= 24:
             out.append(ConfigProblem("weight_bits", self.weight_bits, "an integer in [0, 24]"))
+        if not (0 < self.lightsecagg_privacy_fraction < self.lightsecagg_survivor_fraction <= 1):
+            out.append(
+                ConfigProblem(
+                    "lightsecagg_survivor_fraction",
+                    (self.lightsecagg_privacy_fraction, self.lightsecagg_survivor_fraction),
+                    "0 < lightsecagg_privacy_fraction < lightsecagg_survivor_fraction <= 1",
+                )
+            )
         if self.tee_backend not in ("inprocess", "subprocess"):
             out.append(ConfigProblem("tee_backend", self.tee_backend, "inprocess or subprocess"))
         return out

@@ -35,6 +35,7 @@ from asyncfl.sim.config import RunConfig
 from asyncfl.sim.devices import DevicePopulation
 from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.events import EventKind, EventQueue
+from asyncfl.sim.lightsecagg_buffer import LightSecAggRunner
 from asyncfl.sim.online import OnlineTracker
 from asyncfl.sim.secure_buffer import TeeBufferRunner
 from asyncfl.sim.secure_rounds import SecureRoundRunner
@@ -119,7 +120,7 @@ class Simulator:
         examples_processed: Callable[[int], int],
         secure: SecureRoundRunner | None = None,
         dp: DPMechanism | None = None,
-        tee: TeeBufferRunner | None = None,
+        tee: TeeBufferRunner | LightSecAggRunner | None = None,
     ) -> None:
         if population.size != data.num_clients:
             raise ValueError(

@@ -11,6 +11,12 @@ the same frames into its enclave (an ECALL, a vsock, a shared-memory ring).
   objects (a fresh interpreter, so no parent state is inherited either). If the process
   dies, the next call boots a fresh one, which, like a restarted TEE, has a new key and
   epoch and an empty buffer.
+
+:meth:`EnclaveBackend.call_overlapped` lets the aggregator do its share of an arrival while
+the enclave works on the request: the subprocess backend sends the frame, runs the
+aggregator's work, then reads the answer, so on two cores the two halves run at once (the
+enclave also defers its mask expansion until after it has answered, see
+:meth:`SecureBufferEnclave.respond`).
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ import contextlib
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from asyncfl.errors import ProtocolError
 from asyncfl.secure.tee.attestation import SimulatedVendor
 from asyncfl.secure.tee.enclave import EnclaveConfig, SecureBufferEnclave
 from asyncfl.secure.tee.framing import recv_frame, send_frame
 from asyncfl.secure.tee.messages import ReportResponse, Request, Response, decode, encode
+
+if TYPE_CHECKING:
+    from asyncfl.privacy.noise import NoiseSource
 
 __all__ = ["EnclaveBackend", "InProcessBackend", "SubprocessBackend"]
 
@@ -36,6 +46,14 @@ class EnclaveBackend(Protocol):
 
     def call(self, request: Request) -> Response:
         """Deliver one request and return the enclave's answer."""
+        ...
+
+    def call_overlapped(self, request: Request, work: Callable[[], None]) -> Response:
+        """Like :meth:`call`, running ``work()`` (exactly once) while the enclave computes.
+
+        ``work`` must not depend on the answer; the caller undoes it if the answer is a
+        refusal.
+        """
         ...
 
     def restart(self) -> None:
@@ -55,17 +73,30 @@ def _as_response(data: bytes) -> Response:
 class InProcessBackend:
     """The enclave as an object in this process; frames are still encoded and decoded."""
 
-    def __init__(self, config: EnclaveConfig, vendor: SimulatedVendor) -> None:
+    def __init__(
+        self,
+        config: EnclaveConfig,
+        vendor: SimulatedVendor,
+        *,
+        noise: NoiseSource | None = None,
+    ) -> None:
         self._config = config
         self._vendor = vendor
-        self.enclave = SecureBufferEnclave(config, vendor)
+        self._noise = noise
+        self.enclave = SecureBufferEnclave(config, vendor, noise=noise)
         self.restarts = 0
 
     def call(self, request: Request) -> Response:
         return _as_response(self.enclave.handle(encode(request)))
 
+    def call_overlapped(self, request: Request, work: Callable[[], None]) -> Response:
+        # One thread: nothing to overlap; the enclave answers first, then the work runs.
+        resp = self.call(request)
+        work()
+        return resp
+
     def restart(self) -> None:
-        self.enclave = SecureBufferEnclave(self._config, self._vendor)
+        self.enclave = SecureBufferEnclave(self._config, self._vendor, noise=self._noise)
         self.restarts += 1
 
     def close(self) -> None:
@@ -73,14 +104,17 @@ class InProcessBackend:
 
 
 # The enclave process loads only the enclave's modules (a small trusted computing base, and a
-# fast boot): the package's __init__ re-exports the simulator and imports torch, so the child
-# registers a bare ``asyncfl`` package (its path, no __init__ code) before importing.
+# fast boot): the package's __init__ re-exports the simulator and imports torch, and the
+# privacy package's imports the accountants (dp_accounting, scipy: seconds), of which the
+# enclave needs only the noise module. So the child registers bare ``asyncfl`` and
+# ``asyncfl.privacy`` packages (their paths, no __init__ code) before importing.
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[2])
 _BOOTSTRAP = (
     "import sys, types\n"
-    "pkg = types.ModuleType('asyncfl')\n"
-    "pkg.__path__ = [sys.argv[1]]\n"
-    "sys.modules['asyncfl'] = pkg\n"
+    "for name, path in (('asyncfl', sys.argv[1]), ('asyncfl.privacy', sys.argv[1] + '/privacy')):\n"
+    "    pkg = types.ModuleType(name)\n"
+    "    pkg.__path__ = [path]\n"
+    "    sys.modules[name] = pkg\n"
     "from asyncfl.secure.tee.process import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
@@ -91,14 +125,24 @@ class SubprocessBackend:
 
     Parent and child share only a socketpair carrying length-prefixed frames. The vendor key
     is handed to the child at boot because it plays the CPU's quoting key; the parent never
-    sees the enclave's private key or its mask accumulator.
+    sees the enclave's private key or its mask accumulator. ``noise_seed`` (research only, no
+    formal DP guarantee) makes the enclave's DP noise reproducible; ``None`` draws it from the
+    child's OS CSPRNG.
     """
 
     def __init__(
-        self, config: EnclaveConfig, vendor: SimulatedVendor, timeout_s: float = 60.0
+        self,
+        config: EnclaveConfig,
+        vendor: SimulatedVendor,
+        timeout_s: float = 60.0,
+        *,
+        noise_seed: int | None = None,
     ) -> None:
+        if noise_seed is not None and not 0 <= noise_seed < 1 << 64:
+            raise ValueError(f"noise_seed={noise_seed} must be in [0, 2^64) or None")
         self._config = config.encode()
         self._vendor_key = vendor.private
+        self._noise_seed = b"" if noise_seed is None else noise_seed.to_bytes(8, "big")
         self._timeout = timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -119,6 +163,7 @@ class SubprocessBackend:
         self._sock = ours
         send_frame(ours, self._config)
         send_frame(ours, self._vendor_key)
+        send_frame(ours, self._noise_seed)
         try:
             ack = _as_response(recv_frame(ours))
         except (EOFError, OSError) as exc:
@@ -143,21 +188,37 @@ class SubprocessBackend:
             self._proc = None
 
     def call(self, request: Request) -> Response:
+        return self.call_overlapped(request, _nothing)
+
+    def call_overlapped(self, request: Request, work: Callable[[], None]) -> Response:
         frame = encode(request)
-        for attempt in (0, 1):
-            assert self._sock is not None
+        assert self._sock is not None
+        try:
+            send_frame(self._sock, frame)
+            sent = True
+        except TimeoutError as exc:
+            raise ProtocolError(f"enclave did not accept a frame within {self._timeout} s") from exc
+        except OSError:
+            sent = False
+        work()  # the enclave process handles the frame meanwhile
+        if sent:
             try:
-                send_frame(self._sock, frame)
                 return _as_response(recv_frame(self._sock))
             except TimeoutError as exc:
                 raise ProtocolError(f"enclave did not answer within {self._timeout} s") from exc
-            except (EOFError, OSError) as exc:
-                # The enclave process died: boot a fresh one (empty buffer, new epoch) and
-                # deliver the request to it once; an old-epoch request will be refused.
-                if attempt:
-                    raise ProtocolError(f"enclave process unreachable: {exc}") from exc
-                self.restart()
-        raise AssertionError("unreachable")
+            except (EOFError, OSError):
+                pass
+        # The enclave process died: boot a fresh one (empty buffer, new epoch) and deliver
+        # the request to it once; an old-epoch request will be refused.
+        self.restart()
+        assert self._sock is not None
+        try:
+            send_frame(self._sock, frame)
+            return _as_response(recv_frame(self._sock))
+        except TimeoutError as exc:
+            raise ProtocolError(f"enclave did not answer within {self._timeout} s") from exc
+        except (EOFError, OSError) as exc:
+            raise ProtocolError(f"enclave process unreachable: {exc}") from exc
 
     @property
     def pid(self) -> int | None:
@@ -175,3 +236,7 @@ class SubprocessBackend:
         # Best effort at interpreter shutdown, when modules may already be torn down.
         with contextlib.suppress(Exception):
             self._stop()
+
+
+def _nothing() -> None:
+    pass

@@ -18,6 +18,15 @@ Invariants this program enforces (each refusal leaves its state unchanged):
 - a restart draws a new key pair and epoch and starts with an empty buffer: seeds sealed to
   the previous boot no longer open, and the previous buffer's masks are never released.
 
+Cost: per arrival the enclave opens one sealed seed and adds ``w_i PRG(seed_i)`` into its
+accumulator (AES-CTR keystream scaled in place, no model-sized temporary). That mask work is
+deferred: :meth:`SecureBufferEnclave.respond` answers a registration as soon as it is
+validated and its seed opened, and :meth:`SecureBufferEnclave.complete` adds the mask
+afterwards, before the next request is handled. An enclave in its own process thus expands
+the mask while the aggregator does its own share of the arrival. Nothing observable changes:
+the registration is committed before the answer, and every request (a release above all)
+first completes the pending work.
+
 The optional DP hook adds ``round(N(0, sigma^2) 2^(f+S))`` in the ring to the released sum
 (``sigma`` in model units, ``f`` fractional bits, ``S`` weight bits), so the server only ever
 sees a noised sum. Noise is clipped at ``_NOISE_TAIL`` sigma (the truncation
@@ -30,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -63,7 +72,7 @@ from asyncfl.secure.tee.sealing import SeedContext, open_seed
 if TYPE_CHECKING:
     from asyncfl.privacy.noise import NoiseSource
 
-__all__ = ["EnclaveConfig", "SecureBufferEnclave"]
+__all__ = ["EnclaveConfig", "SecureBufferEnclave", "dp_noise_std", "with_smallest_ring"]
 
 # SecureNoise's 64-bit uniforms bound |N(0,1)| by sqrt(128 ln 2) ~= 9.42.
 _NOISE_TAIL = 9.42
@@ -162,6 +171,42 @@ class EnclaveConfig:
         return cls(task, *fields)
 
 
+def with_smallest_ring(config: EnclaveConfig) -> EnclaveConfig:
+    """``config`` in the ring ``Z_{2^32}`` if that holds a full release, else ``config``.
+
+    A full release is ``K = min_contributions`` contributions of ``max_weight`` each plus the
+    noise tail; when it fits in 32 bits, every ring vector is stored as ``uint32`` (half the
+    memory traffic of ``uint64`` for the masks, the masked uploads and the accumulators) and
+    reduction is the dtype's own wrap-around. Decoded results are identical: no sum wraps in
+    either ring. Configs already at 32 bits or below are returned unchanged.
+    """
+    if config.ring_bits <= 32:
+        return config
+    full = config.min_contributions * config.max_weight
+    try:
+        small = replace(config, ring_bits=32)
+    except ConfigError:
+        return config  # even K weight-1 contributions (or the noise tail) need more bits
+    return small if small.weight_budget() >= full else config
+
+
+def dp_noise_std(noise_multiplier: float, clip_norm: float, *, dim: int, frac_bits: int) -> float:
+    """Std of the enclave's Gaussian noise for user-level DP with L2 clip ``C``.
+
+    The device clips its update to ``||x||_2 <= C``; the codec's per-coordinate clip can only
+    shorten it, but stochastic rounding moves each coordinate by less than ``2^-f``, so the
+    encoded update is bounded by ``C' = C + sqrt(dim) 2^-f`` (staleness weights are <= 1).
+    The noise is calibrated to that sensitivity, ``z C'``, so the accountant's multiplier
+    ``z`` holds for what the enclave actually sums (``C'/C - 1`` is ~6e-5 for 10^6
+    parameters at f = 24).
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number > 0")
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"clip_norm={clip_norm!r} must be a finite number > 0")
+    return noise_multiplier * (clip_norm + math.sqrt(dim) * 2.0**-frac_bits)
+
+
 class SecureBufferEnclave:
     """The enclave program as a sans-I/O state machine: bytes in, bytes out.
 
@@ -197,6 +242,8 @@ class SecureBufferEnclave:
         self._total = 0
         # Every update id registered since boot: a mask may be part of at most one release.
         self._seen: set[bytes] = set()
+        # Registered (answered) contributions whose masks are not yet in _acc: (seed, weight).
+        self._pending: list[tuple[bytes, int]] = []
 
     @property
     def report(self) -> AttestationReport:
@@ -208,6 +255,18 @@ class SecureBufferEnclave:
 
     def handle(self, data: bytes) -> bytes:
         """One request frame in, one response frame out; never raises on bad input."""
+        out = self.respond(data)
+        self.complete()
+        return out
+
+    def complete(self) -> None:
+        """Add the masks of registrations already answered (the deferred per-arrival work)."""
+        for seed, weight in self._pending:
+            self._expander.accumulate(self._acc, seed, scale=weight)
+        self._pending.clear()
+
+    def respond(self, data: bytes) -> bytes:
+        """Like :meth:`handle`, but may leave mask work for :meth:`complete` (call it next)."""
         try:
             req = decode(data)
         except ProtocolError as exc:
@@ -219,6 +278,8 @@ class SecureBufferEnclave:
         return encode(self.handle_message(req))
 
     def handle_message(self, req: Request) -> Response:
+        """Answer one request; a registration's mask work is left to :meth:`complete`."""
+        self.complete()  # every request sees the state of all earlier ones
         if isinstance(req, ReportRequest):
             return ReportResponse(self._report)
         if req.epoch != self._epoch:
@@ -262,11 +323,9 @@ class SecureBufferEnclave:
             seed = open_seed(self._key, req.sealed, ctx)
         except CryptoError as exc:
             return self._refuse(RefusalCode.BAD_SEAL, str(exc))
-        # Validated: mutate. Products and sums wrap in the dtype (2^k divides its modulus);
-        # the accumulator is reduced once, at release.
-        mask = self._expander.expand(seed)
-        np.multiply(mask, mask.dtype.type(req.weight), out=mask)
-        np.add(self._acc, mask, out=self._acc)
+        # Validated: mutate. The mask goes into _acc in complete(); products and sums wrap in
+        # the dtype (2^k divides its modulus); the accumulator is reduced once, at release.
+        self._pending.append((seed, req.weight))
         self._buffer[uid] = req.client_id
         self._clients.add(req.client_id)
         self._seen.add(uid)
@@ -305,6 +364,7 @@ class SecureBufferEnclave:
         return scaled.astype(np.int64).astype(self._ring.dtype)
 
     def _reset(self) -> None:
+        self._pending.clear()
         self._acc.fill(0)
         self._buffer.clear()
         self._clients.clear()

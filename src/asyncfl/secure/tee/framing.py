@@ -16,7 +16,9 @@ MAX_FRAME = 1 << 31
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(struct.pack(">I", len(payload)) + payload)
+    # Two sends rather than one concatenation: a release frame is model-sized.
+    sock.sendall(struct.pack(">I", len(payload)))
+    sock.sendall(payload)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -185,7 +185,7 @@ _TYPES: dict[type, int] = {
 
 class _Writer:
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | memoryview] = []
 
     def u8(self, v: int) -> None:
         self.parts.append(struct.pack(">B", v))
@@ -207,7 +207,8 @@ class _Writer:
         bits = 32 if x.dtype == np.uint32 else 64
         self.u8(bits)
         self.u32(int(x.shape[0]))
-        self.parts.append(x.astype(f"<u{bits // 8}", copy=False).tobytes())
+        # A view, not tobytes(): the frame's join is then the only copy of a model-sized vector.
+        self.parts.append(np.ascontiguousarray(x, dtype=f"<u{bits // 8}").data.cast("B"))
 
 
 class _Reader:
@@ -250,6 +251,7 @@ class _Reader:
         n = self.u32()
         buf = self._take(n * bits // 8)
         native = np.uint32 if bits == 32 else np.uint64
+        # Copied (astype): the decoded vector must not alias, or keep alive, the frame.
         return np.frombuffer(buf, dtype=f"<u{bits // 8}").astype(native)
 
     def end(self) -> None:
