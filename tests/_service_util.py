@@ -21,7 +21,12 @@ from asyncfl.core.update import Update
 from asyncfl.service.checkpoint import read_checkpoint
 from asyncfl.service.config import ServiceConfig
 
-DATA = {"name": "synthetic", "num_clients": 12, "synthetic_alpha": 0.5, "synthetic_beta": 0.5}
+# scikit-learn digits over 12 clients with mild label skew: every client's data covers the same
+# task, so which clients happen to upload most (real arrival order on a loaded machine) changes
+# little of what the model learns, and service and simulator can be compared. (On FedProx
+# Synthetic(0.5, 0.5) a model trained by half the clients scores 0.37 against 0.72.)
+DATA = {"name": "digits", "num_clients": 12, "dirichlet_alpha": 5.0}
+INPUT_SHAPE = [64]
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ import pytest
 
 from _service_util import (
     DATA,
+    INPUT_SHAPE,
     check_ledger_exactly_once,
     free_port,
     start_clients,
@@ -36,7 +37,7 @@ from asyncfl.training.evaluate import evaluate
 COMMON: dict[str, Any] = {
     "model": {"name": "mlp", "hidden": [16]},
     "client": {"epochs": 1, "batch_size": 16, "lr": 0.1},
-    "input_shape": [60],
+    "input_shape": INPUT_SHAPE,
     "num_classes": 10,
 }
 
@@ -58,7 +59,7 @@ def _sim_accuracy(algorithm: dict[str, Any], steps: int) -> float:
 
 def _service_accuracy(tmp: Path, task: dict[str, Any]) -> float:
     data = load_dataset(build_config(DataConfig, DATA), 0)
-    model = build_model("mlp", (60,), 10, hidden=(16,))
+    model = build_model("mlp", tuple(INPUT_SHAPE), 10, hidden=(16,))
     ckpt_dir = tmp / "state" / "checkpoints"
     latest = sorted(ckpt_dir.glob(f"{task['id']}-v*.safetensors"))[-1]
     ParamSpec.from_module(model).load_into(model, read_checkpoint(latest).params)
@@ -95,9 +96,9 @@ def test_fedbuff_clients_train_to_simulator_accuracy(tmp_path: Path) -> None:
     service_acc = _service_accuracy(tmp_path, task)
     sim_acc = _sim_accuracy(algorithm, steps)
     # Who arrives when differs between real and simulated time (fast clients repeat), so the
-    # two runs see different update sequences (measured: 0.53-0.83 for the service at 20
-    # steps, 0.72 for the simulator); after 30 steps of 3 both are far above the initial
-    # accuracy (0.26), and the service within 0.2 of the simulator.
+    # two runs see different update sequences; on IID data that changes little, and after 30
+    # steps of 3 both are far above the initial accuracy and the service is within 0.2 of the
+    # simulator.
     assert service_acc > 0.5
     assert service_acc >= sim_acc - 0.2, (service_acc, sim_acc)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from _service_util import (
+    INPUT_SHAPE,
     check_ledger_exactly_once,
     free_port,
     ledger,
@@ -28,7 +29,7 @@ def test_kill_9_mid_task_then_restart_completes_exactly_once(tmp_path: Path) -> 
     task = {
         "id": "crash",
         "model": {"name": "logistic"},
-        "input_shape": [60],
+        "input_shape": INPUT_SHAPE,
         "num_classes": 10,
         "algorithm": {"name": "fedbuff", "concurrency": 6, "buffer_size": k},
         "server_optimizer": {"name": "momentum", "lr": 1.0, "momentum": 0.5},

@@ -174,7 +174,9 @@ class Aggregator:
             version=self._version,
             num_updates=count,
             total_weight=example_total,
-            pseudo_grad_norm=float(np.linalg.norm(pseudo_grad.astype(np.float64))),
+            # A plain reduction, not BLAS: np.linalg.norm took ~10 ms per step with two BLAS
+            # threads on busy cores.
+            pseudo_grad_norm=math.sqrt(float(np.square(pseudo_grad, dtype=np.float64).sum())),
         )
 
     def on_aggregate(

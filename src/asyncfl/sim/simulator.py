@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 import torch
+from threadpoolctl import threadpool_limits
 
 from asyncfl.algorithms.base import Aggregator, Outcome
 from asyncfl.algorithms.fedavg import FedAvg, FedAvgConfig
@@ -411,7 +412,9 @@ class Simulator:
         threads = torch.get_num_threads()
         torch.set_num_threads(self.run_cfg.torch_threads)
         try:
-            return self._run(progress)
+            # numpy's BLAS too: its per-call thread start-up dominates model-sized vector ops.
+            with threadpool_limits(limits=self.run_cfg.torch_threads):
+                return self._run(progress)
         finally:
             torch.set_num_threads(threads)
             if self.tee is not None:
