@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,5 +50,7 @@ class Update:
                 "bad_version",
                 f"base_version={self.base_version} outside [0, {server_version}]",
             )
-        if not np.isfinite(d).all():
+        # A float64 sum of float32 values cannot overflow, and any NaN or Inf propagates into
+        # it: one reduction, no temporary mask.
+        if not math.isfinite(float(d.sum(dtype=np.float64))):
             raise UpdateRejected("not_finite", "delta contains NaN or Inf")

@@ -153,6 +153,8 @@ class Simulator:
         self._versions: dict[int, tuple[FloatVector, int]] = {}
         self._select_rng = rng_for(seed, "select")
         self._online = OnlineTracker(population)
+        # One-element index arrays, made once: the async hot path selects one client at a time.
+        self._one = np.arange(population.size, dtype=np.int64).reshape(-1, 1)
         self._always_online = self._online.always
         self._device_rng = rng_for(seed, "device")
         self._wake_pending = False
@@ -225,7 +227,7 @@ class Simulator:
                 if online[c] and not self.busy[c] and self.has_data[c] and c not in picked:
                     picked.append(c)
                     if len(picked) == k:
-                        return np.array(sorted(picked), dtype=np.int64)
+                        return np.array(sorted(picked), dtype=np.int64) if k > 1 else self._one[c]
         cand = self._candidates(t)
         if cand.size <= k:
             return cand
