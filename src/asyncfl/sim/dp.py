@@ -16,13 +16,23 @@ Where the noise is added depends on the secure mode:
   check, accountant and fixed denominator (:meth:`check_budget`, :meth:`record_release`);
   adaptive clipping is refused there (the noise std is part of the enclave's attested
   configuration, fixed at boot);
-- secagg: would need noise distributed among the clients; not wired, the config refuses it.
+- secagg / secagg+: distributed among the clients (site ``clients``): each client adds a share
+  N(0, (z C)^2 / m) to its clipped update before encoding and masking, where m is the
+  round's ``min_updates``; the server never unmasks a sum of fewer than m inputs, so every
+  released sum carries at least the target variance and nobody sees an un-noised sum. The
+  aggregator then only divides by the fixed denominator and accounts the release. The shares
+  are continuous Gaussians rounded into the fixed-point ring (not a discrete Gaussian): the
+  rounding is within the codec's stated error bound; adaptive clipping is refused (its
+  unclipped count would need a secure sum of its own);
+- lightsecagg: not wired yet; the config refuses it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 from asyncfl.core.update import FloatVector
 from asyncfl.errors import ConfigProblem, PrivacyBudgetExceeded
@@ -33,6 +43,7 @@ from asyncfl.privacy import (
     PrivacyConfig,
     centred_unclipped_bit,
     clip_update,
+    distributed_noise_share,
     make_noise_source,
     noised_mean,
 )
@@ -40,7 +51,9 @@ from asyncfl.privacy.config import AccountantKind, ClippingMode, SamplingScheme
 
 __all__ = ["DPMechanism", "DPSection", "NoiseSite"]
 
-NoiseSite = Literal["server", "enclave"]
+NoiseSite = Literal["server", "enclave", "clients"]
+"""Who adds the noise: the aggregator, the TEE enclave on release, or every client a share
+(distributed noise under SecAgg: the server only ever sees the noised sum)."""
 """Who adds the Gaussian noise: the aggregator, or the TEE secure buffer's enclave."""
 
 
@@ -110,15 +123,31 @@ class DPSection:
 class DPMechanism:
     """Client-side clipping plus the server's noised, fixed-denominator step (a Finalizer)."""
 
-    def __init__(self, cfg: PrivacyConfig, noise_seed: int, site: NoiseSite = "server") -> None:
+    def __init__(
+        self,
+        cfg: PrivacyConfig,
+        noise_seed: int,
+        site: NoiseSite = "server",
+        min_survivors: int = 1,
+    ) -> None:
         cfg.check()
         if site == "enclave" and cfg.clipping != "fixed":
             raise ValueError(
                 "adaptive clipping with noise added in the enclave is not supported: the "
                 "enclave's noise std is fixed at boot (use clipping='fixed')"
             )
+        if site == "clients" and cfg.clipping != "fixed":
+            raise ValueError(
+                "adaptive clipping with distributed noise is not supported: the unclipped "
+                "count would need its own secure sum (use clipping='fixed')"
+            )
+        if min_survivors < 1:
+            raise ValueError(f"min_survivors={min_survivors} must be >= 1")
         self.cfg = cfg
         self.site: NoiseSite = site
+        self.min_survivors = min_survivors
+        """Distributed noise: the fewest shares any released sum contains (the server never
+        steps with fewer), so each client adds variance (z C)^2 / min_survivors."""
         self.accountant = PrivacyAccountant(cfg)
         self.source: NoiseSource = make_noise_source(
             cfg.noise_source, noise_seed if cfg.noise_source == "seeded" else None
@@ -164,7 +193,31 @@ class DPMechanism:
         self.accountant.record_step()
         self._pending_bits.clear()
 
+    def noise_share(self, dim: int) -> FloatVector:
+        """On the device (distributed noise): this client's share of the step's noise."""
+        if self.site != "clients":
+            raise RuntimeError(f"noise is added by the {self.site}, not by the clients")
+        return distributed_noise_share(
+            dim,
+            noise_multiplier=self.cfg.noise_multiplier,
+            clip_norm=self.clip_norm,
+            min_survivors=self.min_survivors,
+            source=self.source,
+        )
+
     def __call__(self, weighted_sum: FloatVector, example_total: float, count: int) -> FloatVector:
+        if self.site == "clients":
+            # The sum already carries the clients' noise shares: divide by the fixed
+            # denominator, account the release.
+            if count < self.min_survivors:
+                raise RuntimeError(
+                    f"a sum of {count} shares carries less than the target noise "
+                    f"(needs >= {self.min_survivors}); the round must fail instead"
+                )
+            self.check_budget()
+            out = (weighted_sum.astype(np.float64) / self.fixed_denominator).astype(np.float32)
+            self.record_release()
+            return out
         if self.site != "server":
             raise RuntimeError("the noise of this mechanism is added in the enclave")
         self.check_budget()

@@ -68,8 +68,13 @@ def build_simulator(
         pcfg = cfg.privacy.privacy_config(
             denominator, data.num_clients, sync=isinstance(alg, FedAvgConfig)
         )
-        site: NoiseSite = "enclave" if cfg.secure_aggregation.mode == "tee" else "server"
-        dp = DPMechanism(pcfg, derive_seed(cfg.seed, "dp_noise"), site)
+        mode = cfg.secure_aggregation.mode
+        site: NoiseSite = (
+            "enclave" if mode == "tee" else "clients" if mode in ("secagg", "secagg+") else "server"
+        )
+        # With distributed noise, no released sum has fewer than min_updates shares.
+        min_survivors = alg.min_updates if isinstance(alg, FedAvgConfig) else 1
+        dp = DPMechanism(pcfg, derive_seed(cfg.seed, "dp_noise"), site, min_survivors)
         if pcfg.noise_source == "seeded":
             log("privacy.noise_source=seeded: reproducible noise, NO formal privacy guarantee")
     secure = None

@@ -162,12 +162,17 @@ class SecureRoundRunner:
         self._weights.clear()
         return n
 
-    def close(self) -> tuple[FloatVector | None, float, int]:
-        """Run the protocol; return (weighted sum, total weight, survivors) or (None, 0, 0)."""
+    def close(self, min_inputs: int = 2) -> tuple[FloatVector | None, float, int]:
+        """Run the protocol; return (weighted sum, total weight, survivors) or (None, 0, 0).
+
+        The server does not unmask a sum of fewer than ``min_inputs`` inputs (with distributed
+        DP noise, such a sum would carry less noise than calibrated): it aborts the round after
+        MaskedInputCollection, when it knows whose masked inputs it holds.
+        """
         ids = sorted(self._inputs)
         n = len(ids)
         self.stats.rounds += 1
-        if n < 2:
+        if n < max(2, min_inputs):
             # A "sum" of one input is that input: secure aggregation cannot hide it.
             self.stats.failed_rounds += 1
             self.discard()
@@ -186,6 +191,13 @@ class SecureRoundRunner:
                     if self._rng.random() < self.cfg.stage_dropout_prob:
                         drops[stage].add(c)
                 alive -= drops[stage]
+        in_sum = set(ids) - drops[Stage.ADVERTISE_KEYS] - drops[Stage.SHARE_KEYS]
+        in_sum -= drops[Stage.MASKED_INPUT]
+        if len(in_sum) < min_inputs:
+            self.stats.failed_rounds += 1
+            self.stats.protocol_dropouts += n - len(in_sum)
+            self.discard()
+            return None, 0.0, 0
         # Keys and masks come from os.urandom: masks cancel, so the simulation stays
         # deterministic while the cryptography is real.
         res = run_secagg_round(self._inputs, config, drops, seed=None)

@@ -339,7 +339,12 @@ class Simulator:
         if update.base_version != self.agg.version:
             return Outcome(accepted=False, reason="late", detail="round already closed")
         e = example_weight(self.agg.cfg.example_weighting, update.num_examples)
-        self.secure.submit(update.client_id, update.delta, round(e))
+        x = update.delta
+        if self.dp is not None and self.dp.site == "clients":
+            # Distributed DP: the client adds its noise share before encoding and masking,
+            # so no party ever sees an un-noised sum.
+            x = (x + self.dp.noise_share(x.shape[0])).astype(np.float32)
+        self.secure.submit(update.client_id, x, round(e))
         if self.secure.count < self.agg.cfg.cohort_size:
             return Outcome(accepted=True, weight=e)
         return self._secure_close()
@@ -347,7 +352,8 @@ class Simulator:
     def _secure_close(self) -> Outcome:
         assert self.secure is not None
         count = self.secure.count
-        weighted_sum, total, survivors = self.secure.close()
+        min_inputs = self.dp.min_survivors if self.dp is not None else 2
+        weighted_sum, total, survivors = self.secure.close(min_inputs)
         if weighted_sum is None:
             return Outcome(accepted=True, reason="round_failed", discarded=count)
         out = self.agg.on_aggregate(self.agg.version, weighted_sum, total, survivors)
