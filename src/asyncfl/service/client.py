@@ -37,13 +37,19 @@ import torch
 
 from asyncfl.core.configload import build_config
 from asyncfl.core.update import FloatVector
-from asyncfl.errors import AsyncFLError
+from asyncfl.errors import AsyncFLError, CryptoError, ProtocolError
 from asyncfl.models.config import ModelConfig
 from asyncfl.privacy import clip_update
+from asyncfl.secure.fixedpoint import FixedPointCodec
+from asyncfl.secure.tee.attestation import enclave_code, measure, verify_report
+from asyncfl.secure.tee.client import MaskedUpdate, TeeClient
+from asyncfl.secure.tee.enclave import EnclaveConfig
+from asyncfl.secure.tee.messages import AttestationReport
 from asyncfl.service.auth import bearer_metadata
 from asyncfl.service.errors import REASON_KEY
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
 from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
+from asyncfl.service.tee import TeeTrust
 from asyncfl.sim.seeding import derive_seed
 from asyncfl.training.config import ClientConfig
 from asyncfl.training.local import LocalTrainer
@@ -52,6 +58,7 @@ __all__ = [
     "ClientError",
     "ClientOptions",
     "ClientReport",
+    "TeeTrust",
     "TorchTrainer",
     "TrainResult",
     "Trainer",
@@ -105,6 +112,10 @@ class ClientOptions:
     rpc_timeout_s: float = 60.0
     max_message_bytes: int = 4 << 20
     chunk_bytes: int = 1 << 20
+    tee: TeeTrust | None = None
+    """Trust anchor for ``secure_aggregation: tee`` tasks (vendor key, expected enclave
+    measurement). Without it the client refuses such tasks; with it, it refuses any enclave
+    whose report does not verify (:class:`ClientError`, nothing is sent)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,6 +204,46 @@ class _Transient(Exception):
     pass
 
 
+def attest_assignment(a: pb.Assignment, trust: TeeTrust | None) -> TeeClient | None:
+    """For a tee task: verify the enclave's report and config, return the masking client.
+
+    Checks, before anything is downloaded, trained or sent: (1) the report is signed by the
+    vendor key the DEVICE is configured with; (2) its measurement is the one the device
+    expects; (3) the enclave config sent along is exactly what that measurement covers, so
+    the ring, fixed point and K the device encodes for are the attested ones. Raises
+    :class:`ClientError` otherwise.
+    """
+    if not a.HasField("enclave_report"):
+        return None
+    if trust is None:
+        raise ClientError(
+            f"task {a.task_id!r} uses a TEE secure buffer: configure ClientOptions.tee with "
+            "the vendor public key and the expected enclave measurement"
+        )
+    r = a.enclave_report
+    report = AttestationReport(r.measurement, r.public_key, r.epoch, r.signature)
+    try:
+        verify_report(report, trust.vendor_public, trust.expected_measurement)
+        if measure(enclave_code(), a.enclave_config) != trust.expected_measurement:
+            raise ProtocolError("the enclave config sent is not the one measured")
+        ec = EnclaveConfig.decode(a.enclave_config)
+    except (CryptoError, ProtocolError) as exc:
+        raise ClientError(f"enclave of task {a.task_id!r} refused: {exc}") from exc
+    if ec.dim != a.model_dim or ec.task != a.task_id:
+        raise ClientError(
+            f"enclave config for task {ec.task!r} dim {ec.dim}; assignment is for "
+            f"{a.task_id!r} dim {a.model_dim}"
+        )
+    codec = FixedPointCodec(clip=ec.clip, frac_bits=ec.frac_bits, ring_bits=ec.ring_bits)
+    return TeeClient(
+        vendor_public=trust.vendor_public,
+        expected=trust.expected_measurement,
+        codec=codec,
+        task=a.task_id,
+        dim=ec.dim,
+    )
+
+
 def _reason(err: grpc.aio.AioRpcError) -> str:
     for key, value in err.trailing_metadata() or ():
         if key == REASON_KEY:
@@ -263,15 +314,43 @@ class _Session:
         return out, version
 
     async def _chunks(
-        self, header: pb.UploadHeader, delta: FloatVector
+        self, header: pb.UploadHeader, delta: FloatVector | MaskedUpdate
     ) -> AsyncIterator[pb.UploadChunk]:
         yield pb.UploadChunk(header=header)
-        raw = np.ascontiguousarray(delta, dtype="<f4").data.cast("B")
+        if isinstance(delta, MaskedUpdate):
+            m = delta.masked
+            raw = np.ascontiguousarray(m, dtype=m.dtype.newbyteorder("<")).data.cast("B")
+        else:
+            raw = np.ascontiguousarray(delta, dtype="<f4").data.cast("B")
         step = self.o.chunk_bytes
         for start in range(0, len(raw), step):
             yield pb.UploadChunk(data=bytes(raw[start : start + step]))
 
-    async def upload(self, a: pb.Assignment, version: int, res: TrainResult) -> UploadRecord:
+    def mask(
+        self, a: pb.Assignment, tee: TeeClient, version: int, res: TrainResult
+    ) -> MaskedUpdate:
+        """Encode, mask with a fresh seed and seal it to the attested enclave (on the device)."""
+        r = a.enclave_report
+        report = AttestationReport(r.measurement, r.public_key, r.epoch, r.signature)
+        # Stochastic rounding of the fixed-point encoding; masks come from the OS CSPRNG.
+        rng = np.random.default_rng(
+            derive_seed(self.o.seed, "tee_round", self.o.client_id, version)
+        )
+        try:
+            return tee.upload(
+                report,
+                client_id=self.o.client_id,
+                base_version=version,
+                num_examples=res.num_examples,
+                delta=res.delta,
+                rng=rng,
+            )
+        except (CryptoError, ProtocolError, ValueError) as exc:
+            raise ClientError(f"cannot mask the update for task {a.task_id!r}: {exc}") from exc
+
+    async def upload(
+        self, a: pb.Assignment, version: int, res: TrainResult, tee: TeeClient | None = None
+    ) -> UploadRecord:
         upload_id = uuid.UUID(int=self.rng.getrandbits(128)).hex
         header = pb.UploadHeader(
             task_id=a.task_id,
@@ -282,12 +361,22 @@ class _Session:
             dim=int(res.delta.shape[0]),
             dtype=pb.DTYPE_FLOAT32,
         )
+        body: FloatVector | MaskedUpdate = res.delta
+        if tee is not None:
+            body = self.mask(a, tee, version, res)
+            header.dtype = (
+                pb.DTYPE_RING_U32 if body.masked.dtype.itemsize == 4 else pb.DTYPE_RING_U64
+            )
+            header.tee_epoch = body.epoch
+            header.sealed_seed.update_id = body.sealed.update_id
+            header.sealed_seed.ephemeral_public = body.sealed.ephemeral_public
+            header.sealed_seed.ciphertext = body.sealed.ciphertext
         attempts = 0
         while True:
             attempts += 1
             try:
                 await self.stub.UploadUpdate(
-                    self._chunks(header, res.delta), metadata=self.md, timeout=self.o.rpc_timeout_s
+                    self._chunks(header, body), metadata=self.md, timeout=self.o.rpc_timeout_s
                 )
                 self.failures = 0
                 return UploadRecord(upload_id, version, "accepted", attempts)
@@ -318,6 +407,7 @@ class _Session:
                 await asyncio.sleep(wait * self.rng.uniform(0.5, 1.5))
                 continue
             a = resp.assignment
+            tee = attest_assignment(a, self.o.tee)  # refuses before any download or training
             try:
                 params, version = await self.download(a.task_id)
             except grpc.aio.AioRpcError as err:
@@ -329,7 +419,7 @@ class _Session:
                 await self.backoff()
                 continue
             res = clip_for_task(await asyncio.to_thread(self.trainer, params, version, a), a)
-            rec = await self.upload(a, version, res)
+            rec = await self.upload(a, version, res, tee)
             r.uploads.append(rec)
             if rec.outcome in ("accepted", "duplicate"):
                 r.accepted += 1

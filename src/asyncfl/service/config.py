@@ -18,6 +18,7 @@ from asyncfl.core.server_opt import ServerOptimizerConfig
 from asyncfl.errors import ConfigProblem
 from asyncfl.models.config import ModelConfig
 from asyncfl.sim.dp import DPSection
+from asyncfl.sim.secure_rounds import SecureAggregationConfig
 from asyncfl.training.config import ClientConfig
 
 __all__ = [
@@ -171,9 +172,65 @@ class TaskConfig:
     population: int | None = None
     """Devices eligible for this task: the DP accountant's N (sampling rate, default delta).
     Required with ``privacy.enabled``; the simulator reads it from its dataset."""
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    """The simulator's section: ``none`` or ``tee`` (FedBuff over the TEE secure buffer; the
+    ledger then holds masked contributions only). See docs/service.md."""
+    tee_vendor_key_file: str | None = None
+    """tee: the simulated hardware vendor's signing key (64 hex digits); null: created in
+    ``storage.dir`` as ``<task>.tee-vendor.key`` on first start. Devices are configured with
+    its public key."""
+
+    def _validate_secure(self) -> list[ConfigProblem]:
+        sa = self.secure_aggregation
+        if sa.mode == "none":
+            return []
+        # (sa.validate() runs on its own when the config is loaded: not repeated here.)
+        out: list[ConfigProblem] = []
+        if sa.mode != "tee":
+            out.append(
+                ConfigProblem(
+                    "secure_aggregation.mode",
+                    sa.mode,
+                    "none or tee in the service (secagg, secagg+ and lightsecagg need "
+                    "client-to-client rounds the service does not carry yet)",
+                )
+            )
+            return out
+        if not isinstance(self.algorithm, FedBuffConfig):
+            out.append(
+                ConfigProblem("algorithm.name", self.algorithm.name, "fedbuff with mode tee")
+            )
+        elif self.algorithm.example_weighting != "equal":
+            out.append(
+                ConfigProblem(
+                    "algorithm.example_weighting",
+                    self.algorithm.example_weighting,
+                    "equal with mode tee (the service knows no largest example count to size "
+                    "the ring for linear weights)",
+                )
+            )
+        if self.privacy.enabled:
+            out.append(
+                ConfigProblem(
+                    "privacy.enabled",
+                    True,
+                    "false with mode tee: noise inside the enclave is not wired into the "
+                    "service yet",
+                )
+            )
+        if self.max_update_norm is not None:
+            out.append(
+                ConfigProblem(
+                    "max_update_norm",
+                    self.max_update_norm,
+                    "null with mode tee (a masked update has no visible norm; the fixed-point "
+                    "codec clips each coordinate to secure_aggregation.clip)",
+                )
+            )
+        return out
 
     def validate(self) -> list[ConfigProblem]:
-        out: list[ConfigProblem] = []
+        out: list[ConfigProblem] = self._validate_secure()
         if self.population is not None and self.population < 1:
             out.append(ConfigProblem("population", self.population, "null or an integer >= 1"))
         if self.privacy.enabled:

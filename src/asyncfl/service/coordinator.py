@@ -20,14 +20,17 @@ from pathlib import Path
 
 from asyncfl.core.configload import to_plain
 from asyncfl.core.update import FloatVector
+from asyncfl.secure.tee.client import MaskedUpdate
+from asyncfl.secure.tee.messages import AttestationReport, SealedSeed
 from asyncfl.service.auth import Lease, Secret
 from asyncfl.service.config import ServiceConfig, TaskConfig
 from asyncfl.service.errors import ServiceError
 from asyncfl.service.selector import RateLimiter, Slots
 from asyncfl.service.store import Store
 from asyncfl.service.task import Accepted, Submission, TaskRuntime
+from asyncfl.service.tee import load_vendor
 
-__all__ = ["AssignmentInfo", "Coordinator", "TaskStats", "UploadHeaderInfo"]
+__all__ = ["AssignmentInfo", "Coordinator", "TaskStats", "TeeHeader", "UploadHeaderInfo"]
 
 log = logging.getLogger("asyncfl.service.coordinator")
 
@@ -48,6 +51,10 @@ class AssignmentInfo:
     model_config_json: str
     clip_norm: float = 0.0
     """DP clip norm the client applies before uploading (0: none)."""
+    enclave_report: AttestationReport | None = None
+    """``secure_aggregation: tee``: the current enclave boot's attestation report."""
+    enclave_config: bytes = b""
+    """tee: the enclave's measured config (``EnclaveConfig.encode()``)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,18 @@ class UploadHeaderInfo:
     num_examples: int
     dim: int
     float32: bool
+    tee: TeeHeader | None = None
+    """Present when the data are masked ring elements (``secure_aggregation: tee``)."""
+
+
+@dataclass(frozen=True)
+class TeeHeader:
+    """The secure-buffer part of an upload header."""
+
+    ring_bytes: int
+    """Width of one ring element on the wire: 4 (u32) or 8 (u64)."""
+    epoch: bytes
+    sealed: SealedSeed
 
 
 @dataclass(frozen=True)
@@ -124,7 +143,13 @@ class Coordinator:
         self.tasks: dict[str, _Task] = {}
         self._drains: set[asyncio.Task[None]] = set()
         for t in cfg.tasks:
-            rt = TaskRuntime(t, self.store, root / "checkpoints", cfg.storage.keep_checkpoints)
+            vendor = None
+            if t.secure_aggregation.mode == "tee":
+                key = t.tee_vendor_key_file
+                vendor = load_vendor(Path(key) if key else root / f"{t.id}.tee-vendor.key")
+            rt = TaskRuntime(
+                t, self.store, root / "checkpoints", cfg.storage.keep_checkpoints, vendor=vendor
+            )
             model = {
                 **to_plain(t.model),
                 "input_shape": list(t.input_shape),
@@ -143,6 +168,8 @@ class Coordinator:
         await asyncio.gather(*list(self._drains), return_exceptions=True)
 
     def close(self) -> None:
+        for t in self.tasks.values():
+            t.runtime.close()
         self.store.close()
 
     def task(self, task_id: str) -> _Task:
@@ -180,6 +207,8 @@ class Coordinator:
                     t.client_json,
                     t.model_json,
                     clip_norm=0.0 if rt.dp is None else rt.dp.clip_norm,
+                    enclave_report=None if rt.tee is None else rt.tee.agg.report,
+                    enclave_config=b"" if rt.tee is None else rt.tee.enclave.encode(),
                 )
         return None
 
@@ -200,7 +229,15 @@ class Coordinator:
                 raise ServiceError("lease_expired", f"client {client_id}")
             if h.base_version < lease.version:
                 raise ServiceError("bad_version", f"base {h.base_version} < lease {lease.version}")
-            if not h.float32:
+            tee = t.runtime.tee
+            if tee is not None:
+                if h.tee is None:
+                    raise ServiceError("bad_encoding", "tee task: masked ring vector expected")
+                if h.tee.ring_bytes != tee.agg.codec.ring.dtype.itemsize:
+                    raise ServiceError("bad_dtype", f"ring of {h.tee.ring_bytes} bytes")
+            elif h.tee is not None:
+                raise ServiceError("bad_encoding", "masked upload to a task without tee")
+            elif not h.float32:
                 raise ServiceError("bad_dtype", "dtype is not float32")
             if h.dim != t.runtime.dim:
                 raise ServiceError("bad_shape", f"dim {h.dim} != model {t.runtime.dim}")
@@ -208,10 +245,16 @@ class Coordinator:
             raise self._refuse(t, err) from None
         return t, lease
 
-    async def submit(self, client_id: int, h: UploadHeaderInfo, delta: FloatVector) -> Accepted:
+    async def submit(
+        self,
+        client_id: int,
+        h: UploadHeaderInfo,
+        delta: FloatVector,
+        masked: MaskedUpdate | None = None,
+    ) -> Accepted:
         t = self.task(h.task_id)
         mine = _Queued(
-            Submission(client_id, h.upload_id, h.base_version, h.num_examples, delta),
+            Submission(client_id, h.upload_id, h.base_version, h.num_examples, delta, masked),
             asyncio.get_running_loop().create_future(),
         )
         t.queue.append(mine)

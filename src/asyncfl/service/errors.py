@@ -75,6 +75,9 @@ CATALOG: dict[str, CatalogEntry] = {
     "bad_lease": CatalogEntry(_PRECOND, "lease is missing, forged or for another client"),
     "lease_expired": CatalogEntry(_PRECOND, "lease expired; check in again"),
     "norm_too_large": CatalogEntry(_INVALID, "update norm exceeds the task's bound"),
+    "bad_encoding": CatalogEntry(
+        _INVALID, "upload encoding does not match the task's secure_aggregation mode"
+    ),
     "duplicate_upload": CatalogEntry(
         grpc.StatusCode.ALREADY_EXISTS, "this upload id was already accepted"
     ),

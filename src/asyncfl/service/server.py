@@ -22,9 +22,11 @@ from typing import Any, NoReturn
 import grpc
 import numpy as np
 
+from asyncfl.secure.tee.client import MaskedUpdate
+from asyncfl.secure.tee.messages import SealedSeed
 from asyncfl.service.auth import AuthInterceptor, Secret, principal_of
 from asyncfl.service.config import ServiceConfig
-from asyncfl.service.coordinator import Coordinator, UploadHeaderInfo
+from asyncfl.service.coordinator import Coordinator, TeeHeader, UploadHeaderInfo
 from asyncfl.service.errors import REASON_KEY, ServiceError
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
 from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
@@ -35,6 +37,7 @@ log = logging.getLogger("asyncfl.service.server")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _TICK_S = 0.2
+_EMPTY = np.zeros(0, np.float32)
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -77,6 +80,15 @@ class Servicer(pb_grpc.FederatedLearningServicer):
             await _fail(context, ServiceError("internal"))
         if a is None:
             return pb.CheckInResponse(retry_after_s=self.coord.cfg.selector.retry_after_s)
+        report = None
+        if a.enclave_report is not None:
+            r = a.enclave_report
+            report = pb.EnclaveReport(
+                measurement=r.measurement,
+                public_key=r.public_key,
+                epoch=r.epoch,
+                signature=r.signature,
+            )
         return pb.CheckInResponse(
             assignment=pb.Assignment(
                 task_id=a.task_id,
@@ -87,6 +99,8 @@ class Servicer(pb_grpc.FederatedLearningServicer):
                 client_config_json=a.client_config_json,
                 model_config_json=a.model_config_json,
                 clip_norm=a.clip_norm,
+                enclave_report=report,
+                enclave_config=a.enclave_config,
             )
         )
 
@@ -121,6 +135,14 @@ class Servicer(pb_grpc.FederatedLearningServicer):
             if not isinstance(first, pb.UploadChunk) or first.WhichOneof("part") != "header":
                 raise ServiceError("malformed_message", "the first chunk must be the header")
             h = first.header
+            tee = None
+            if h.dtype in (pb.DTYPE_RING_U32, pb.DTYPE_RING_U64):
+                s = h.sealed_seed
+                tee = TeeHeader(
+                    4 if h.dtype == pb.DTYPE_RING_U32 else 8,
+                    h.tee_epoch,
+                    SealedSeed(s.update_id, s.ephemeral_public, s.ciphertext),
+                )
             header = UploadHeaderInfo(
                 task_id=h.task_id,
                 lease_id=h.lease_id,
@@ -129,10 +151,12 @@ class Servicer(pb_grpc.FederatedLearningServicer):
                 num_examples=h.num_examples,
                 dim=h.dim,
                 float32=h.dtype == pb.DTYPE_FLOAT32,
+                tee=tee,
             )
             self.coord.check_upload(client, header)
             # The header is checked: dim equals the model's, so this allocation is bounded.
-            buf = bytearray(4 * header.dim)
+            width = 4 if tee is None else tee.ring_bytes
+            buf = bytearray(width * header.dim)
             filled = 0
             async for chunk in request_iterator:
                 if not isinstance(chunk, pb.UploadChunk) or chunk.WhichOneof("part") != "data":
@@ -144,8 +168,16 @@ class Servicer(pb_grpc.FederatedLearningServicer):
                 filled += len(data)
             if filled != len(buf):
                 raise ServiceError("malformed_message", f"{filled} of {len(buf)} bytes")
-            delta = np.frombuffer(buf, dtype="<f4").astype(np.float32, copy=False)
-            res = await self.coord.submit(client, header, delta)
+            if tee is None:
+                delta = np.frombuffer(buf, dtype="<f4").astype(np.float32, copy=False)
+                res = await self.coord.submit(client, header, delta)
+            else:
+                ring = np.dtype(np.uint32 if tee.ring_bytes == 4 else np.uint64)
+                masked = np.frombuffer(buf, dtype=ring.newbyteorder("<")).astype(ring)
+                up = MaskedUpdate(
+                    client, header.base_version, header.num_examples, tee.epoch, masked, tee.sealed
+                )
+                res = await self.coord.submit(client, header, _EMPTY, up)
         except ServiceError as err:
             if header is not None and err.reason in ("malformed_message", "message_too_large"):
                 self.coord.release(header.task_id, header.lease_id)

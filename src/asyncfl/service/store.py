@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from asyncfl.core.update import FloatVector
+from asyncfl.secure.ring import RingVector
 
 __all__ = ["LedgerRow", "Store", "TaskRecord"]
 
@@ -87,7 +88,9 @@ class LedgerRow:
     accepted_version: int
     staleness: int
     weight: float
-    delta: FloatVector | None = None
+    delta: FloatVector | RingVector | None = None
+    """The float32 delta; for ``secure_aggregation: tee`` tasks the MASKED ring vector
+    (little-endian ring elements, never read back: those rows are never replayed)."""
     status: RowStatus = "buffered"
     applied_version: int | None = None
     seq: int = 0
@@ -194,7 +197,7 @@ class Store:
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             for row in rows:
-                delta = None if row.delta is None else row.delta.astype("<f4").tobytes()
+                delta = None if row.delta is None else _blob(row.delta)
                 self._db.execute(
                     "INSERT INTO updates (task_id, client_id, upload_id, base_version, "
                     "num_examples, accepted_version, staleness, weight, status, delta, "
@@ -235,6 +238,12 @@ class Store:
                     "WHERE task_id = ? AND status = 'buffered'",
                     (task_id,),
                 )
+
+
+def _blob(v: FloatVector | RingVector) -> bytes:
+    if v.dtype.kind == "u":  # masked ring elements: kept exact, in their own width
+        return v.astype(v.dtype.newbyteorder("<")).tobytes()
+    return v.astype("<f4").tobytes()
 
 
 _ROW_COLUMNS = (

@@ -30,6 +30,8 @@ from asyncfl.core.params import ParamSpec
 from asyncfl.core.server_opt import ServerOptimizer, make_server_optimizer
 from asyncfl.core.update import FloatVector, Update
 from asyncfl.privacy import clip_update
+from asyncfl.secure.tee import SimulatedVendor
+from asyncfl.secure.tee.client import MaskedUpdate
 from asyncfl.service.checkpoint import (
     Checkpoint,
     checkpoint_name,
@@ -40,6 +42,7 @@ from asyncfl.service.config import TaskConfig
 from asyncfl.service.errors import ServiceError
 from asyncfl.service.privacy import accountant_json, load_accountant, make_task_dp
 from asyncfl.service.store import LedgerRow, Store, TaskRecord
+from asyncfl.service.tee import TeeAggregator, build_tee
 from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.seeding import derive_seed
 
@@ -57,6 +60,9 @@ class Submission:
     base_version: int
     num_examples: int
     delta: FloatVector
+    tee: MaskedUpdate | None = None
+    """``secure_aggregation: tee``: the masked ring vector + sealed seed (``delta`` is then
+    empty and unused)."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,22 @@ def initial_params(cfg: TaskConfig) -> FloatVector:
 
 
 class TaskRuntime:
-    def __init__(self, cfg: TaskConfig, store: Store, ckpt_dir: Path, keep_checkpoints: int = 2):
+    def __init__(
+        self,
+        cfg: TaskConfig,
+        store: Store,
+        ckpt_dir: Path,
+        keep_checkpoints: int = 2,
+        *,
+        vendor: SimulatedVendor | None = None,
+    ):
+        if cfg.secure_aggregation.mode == "tee" and vendor is None:
+            raise ValueError(f"task {cfg.id!r} has secure_aggregation tee: pass its vendor key")
         self.cfg = cfg
+        self.vendor = vendor
+        self.tee: TeeAggregator | None = None
+        """The enclave and the secure aggregator (``secure_aggregation: tee`` tasks)."""
+        self._lost_buffer = 0
         self.store = store
         self.ckpt_dir = ckpt_dir
         self.keep_checkpoints = keep_checkpoints
@@ -139,7 +159,10 @@ class TaskRuntime:
                     f"{self.cfg.id!r} has privacy.enabled; use a new task id to turn DP on"
                 )
             load_accountant(self.dp, ckpt.privacy)
-        self.agg = make_aggregator(self.cfg.algorithm, ckpt.params, self.optimizer, self.dp)
+        if self.vendor is not None:
+            self._boot_tee(ckpt.params)
+        else:
+            self.agg = make_aggregator(self.cfg.algorithm, ckpt.params, self.optimizer, self.dp)
         self.agg.resume_at(rec.version)
         self.budget_spent = self.dp is not None and self.dp.accountant.would_exceed()
         self.finished = (
@@ -148,10 +171,19 @@ class TaskRuntime:
         self._remove_orphans(rec.version)
         counts = self.store.counts(self.cfg.id)
         self.accepted_total = sum(counts.values())
+        if self.tee is not None and counts.get("buffered", 0):
+            # The masks of these rows died with the enclave that held their seeds (a new boot
+            # has a new key and epoch): they can never be unmasked, so they are marked
+            # discarded, never replayed. Released steps are in the checkpoint: exactly once.
+            self.store.commit(self.cfg.id, [], discard=True)
+            log.info(
+                "enclave restarted: masked buffer discarded",
+                extra={"task": self.cfg.id, "discarded": counts["buffered"]},
+            )
         for row in self.store.rows(self.cfg.id, "buffered"):
-            assert row.delta is not None
+            assert row.delta is not None and row.delta.dtype == np.float32
             out = self.agg.on_update(
-                Update(row.client_id, row.base_version, row.num_examples, row.delta)
+                Update(row.client_id, row.base_version, row.num_examples, row.delta)  # type: ignore[arg-type]
             )
             if not out.accepted or out.step is not None or out.discarded:
                 # Only possible if the task's config changed between runs (e.g. a smaller K).
@@ -163,6 +195,21 @@ class TaskRuntime:
             "task recovered",
             extra={"task": self.cfg.id, "version": rec.version, "buffered": self.agg.buffered},
         )
+
+    def _boot_tee(self, params: FloatVector) -> None:
+        """A fresh enclave (new key and epoch, empty buffer) and the secure aggregator."""
+        assert self.vendor is not None
+        if self.tee is not None:
+            self.tee.close()
+            self.tee = None
+        self.tee = build_tee(self.cfg, params, self.optimizer, self.vendor)
+        self.agg = self.tee.agg
+
+    def close(self) -> None:
+        """Stop the enclave (tee tasks); the durable state stays as it is."""
+        if self.tee is not None:
+            self.tee.close()
+            self.tee = None
 
     def _remove_orphans(self, current: int) -> None:
         prefix = f"{self.cfg.id}-v"
@@ -214,6 +261,16 @@ class TaskRuntime:
                     row, out = self._admit(it)
                 except ServiceError as err:
                     results[i] = err
+                    if self._lost_buffer:
+                        # The enclave restarted: the masked buffer, including this batch's
+                        # rows accepted so far, is gone. Commit them as discarded.
+                        lost = Outcome(accepted=True, discarded=self._lost_buffer)
+                        self._lost_buffer = 0
+                        self._persist([r for _, r, _ in pending], lost)
+                        for j, _, a in pending:
+                            results[j] = a
+                        self.accepted_total += len(pending)
+                        pending = []
                     continue
                 acc = Accepted(self.agg.version, out.staleness, out.weight, out.step is not None)
                 pending.append((i, row, acc))
@@ -250,6 +307,10 @@ class TaskRuntime:
             if self.budget_spent:
                 raise ServiceError("privacy_budget_spent", f"task {self.cfg.id}")
             raise ServiceError("task_finished", f"task {self.cfg.id} at {self.version}")
+        if self.tee is not None:
+            return self._admit_masked(it)
+        if it.tee is not None:
+            raise ServiceError("bad_encoding", f"task {self.cfg.id} takes float32 updates")
         delta = it.delta
         if self.dp is not None:
             # Clipped on the device already; clipping again makes the sensitivity bound the
@@ -277,6 +338,36 @@ class TaskRuntime:
             out.staleness,
             out.weight,
             delta,
+        )
+        return row, out
+
+    def _admit_masked(self, it: Submission) -> tuple[LedgerRow, Outcome]:
+        """The tee path: the secure aggregator and its enclave; the ledger keeps the MASKED
+        vector (the server never holds an individual unmasked update)."""
+        assert self.tee is not None
+        if it.tee is None:
+            raise ServiceError("bad_encoding", f"task {self.cfg.id} takes masked ring vectors")
+        up = it.tee
+        if up.client_id != it.client_id or up.base_version != it.base_version:
+            raise ServiceError("malformed_message", "masked update names another client/version")
+        version_before = self.agg.version
+        out = self.tee.agg.on_masked_update(up)
+        if not out.accepted:
+            assert out.reason is not None
+            # A refusal from a new enclave boot cleared the masked buffer (out.discarded):
+            # submit_many commits its rows as discarded before answering.
+            self._lost_buffer = out.discarded
+            raise ServiceError(out.reason, out.detail or "")
+        row = LedgerRow(
+            self.cfg.id,
+            it.client_id,
+            it.upload_id,
+            it.base_version,
+            it.num_examples,
+            version_before,
+            out.staleness,
+            out.weight,
+            up.masked,
         )
         return row, out
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61syncfl/v1/service.proto\x12\nasyncfl.v1\"7\n\x0e\x43heckInRequest\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\xbc\x01\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x11\n\tmodel_dim\x18\x04 \x01(\x04\x12\x17\n\x0flease_timeout_s\x18\x05 \x01(\x01\x12\x1a\n\x12\x63lient_config_json\x18\x06 \x01(\t\x12\x19\n\x11model_config_json\x18\x07 \x01(\t\x12\x11\n\tclip_norm\x18\x08 \x01(\x01\"s\n\x0f\x43heckInResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x16.asyncfl.v1.AssignmentH\x00\x12\x17\n\rretry_after_s\x18\x02 \x01(\x01H\x00\x12\x0e\n\x04\x64one\x18\x03 \x01(\x08H\x00\x42\t\n\x07outcome\"\"\n\x0f\x44ownloadRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"T\n\nModelChunk\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x11\n\tmodel_dim\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x9f\x01\n\x0cUploadHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x0b\n\x03\x64im\x18\x06 \x01(\x04\x12 \n\x05\x64type\x18\x07 \x01(\x0e\x32\x11.asyncfl.v1.DType\"Q\n\x0bUploadChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.asyncfl.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"[\n\x0eUploadResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0f\n\x07stepped\x18\x04 \x01(\x08\"\x0f\n\rStatusRequest\"\xb8\x03\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x18\n\x10max_server_steps\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x16\n\x0e\x61\x63tive_clients\x18\x06 \x01(\r\x12\x1a\n\x12\x63oncurrency_target\x18\x07 \x01(\r\x12\x10\n\x08\x62uffered\x18\x08 \x01(\r\x12\x18\n\x10\x61\x63\x63\x65pted_updates\x18\t \x01(\x04\x12\x15\n\rupdates_per_s\x18\n \x01(\x01\x12\x36\n\x08rejected\x18\x0b \x03(\x0b\x32$.asyncfl.v1.TaskStatus.RejectedEntry\x12\x12\n\ndp_enabled\x18\x0c \x01(\x08\x12\x0f\n\x07\x65psilon\x18\r \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x0e \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x0f \x01(\x01\x12\x14\n\x0c\x62udget_spent\x18\x10 \x01(\x08\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"I\n\x0eStatusResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.asyncfl.v1.TaskStatus\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01*1\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x32\xa7\x02\n\x11\x46\x65\x64\x65ratedLearning\x12\x42\n\x07\x43heckIn\x12\x1a.asyncfl.v1.CheckInRequest\x1a\x1b.asyncfl.v1.CheckInResponse\x12\x46\n\rDownloadModel\x12\x1b.asyncfl.v1.DownloadRequest\x1a\x16.asyncfl.v1.ModelChunk0\x01\x12\x45\n\x0cUploadUpdate\x12\x17.asyncfl.v1.UploadChunk\x1a\x1a.asyncfl.v1.UploadResponse(\x01\x12?\n\x06Status\x12\x19.asyncfl.v1.StatusRequest\x1a\x1a.asyncfl.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61syncfl/v1/service.proto\x12\nasyncfl.v1\"7\n\x0e\x43heckInRequest\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x04\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\x87\x02\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x11\n\tmodel_dim\x18\x04 \x01(\x04\x12\x17\n\x0flease_timeout_s\x18\x05 \x01(\x01\x12\x1a\n\x12\x63lient_config_json\x18\x06 \x01(\t\x12\x19\n\x11model_config_json\x18\x07 \x01(\t\x12\x11\n\tclip_norm\x18\x08 \x01(\x01\x12\x31\n\x0e\x65nclave_report\x18\t \x01(\x0b\x32\x19.asyncfl.v1.EnclaveReport\x12\x16\n\x0e\x65nclave_config\x18\n \x01(\x0c\"Z\n\rEnclaveReport\x12\x13\n\x0bmeasurement\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\r\n\x05\x65poch\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"M\n\nSealedSeed\x12\x11\n\tupdate_id\x18\x01 \x01(\x0c\x12\x18\n\x10\x65phemeral_public\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"s\n\x0f\x43heckInResponse\x12,\n\nassignment\x18\x01 \x01(\x0b\x32\x16.asyncfl.v1.AssignmentH\x00\x12\x17\n\rretry_after_s\x18\x02 \x01(\x01H\x00\x12\x0e\n\x04\x64one\x18\x03 \x01(\x08H\x00\x42\t\n\x07outcome\"\"\n\x0f\x44ownloadRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"T\n\nModelChunk\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x11\n\tmodel_dim\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xdf\x01\n\x0cUploadHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x0b\n\x03\x64im\x18\x06 \x01(\x04\x12 \n\x05\x64type\x18\x07 \x01(\x0e\x32\x11.asyncfl.v1.DType\x12\x11\n\ttee_epoch\x18\x08 \x01(\x0c\x12+\n\x0bsealed_seed\x18\t \x01(\x0b\x32\x16.asyncfl.v1.SealedSeed\"Q\n\x0bUploadChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.asyncfl.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"[\n\x0eUploadResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0f\n\x07stepped\x18\x04 \x01(\x08\"\x0f\n\rStatusRequest\"\xb8\x03\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x18\n\x10max_server_steps\x18\x04 \x01(\x04\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x16\n\x0e\x61\x63tive_clients\x18\x06 \x01(\r\x12\x1a\n\x12\x63oncurrency_target\x18\x07 \x01(\r\x12\x10\n\x08\x62uffered\x18\x08 \x01(\r\x12\x18\n\x10\x61\x63\x63\x65pted_updates\x18\t \x01(\x04\x12\x15\n\rupdates_per_s\x18\n \x01(\x01\x12\x36\n\x08rejected\x18\x0b \x03(\x0b\x32$.asyncfl.v1.TaskStatus.RejectedEntry\x12\x12\n\ndp_enabled\x18\x0c \x01(\x08\x12\x0f\n\x07\x65psilon\x18\r \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x0e \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x0f \x01(\x01\x12\x14\n\x0c\x62udget_spent\x18\x10 \x01(\x08\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"I\n\x0eStatusResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.asyncfl.v1.TaskStatus\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01*Y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_RING_U32\x10\x02\x12\x12\n\x0e\x44TYPE_RING_U64\x10\x03\x32\xa7\x02\n\x11\x46\x65\x64\x65ratedLearning\x12\x42\n\x07\x43heckIn\x12\x1a.asyncfl.v1.CheckInRequest\x1a\x1b.asyncfl.v1.CheckInResponse\x12\x46\n\rDownloadModel\x12\x1b.asyncfl.v1.DownloadRequest\x1a\x16.asyncfl.v1.ModelChunk0\x01\x12\x45\n\x0cUploadUpdate\x12\x17.asyncfl.v1.UploadChunk\x1a\x1a.asyncfl.v1.UploadResponse(\x01\x12?\n\x06Status\x12\x19.asyncfl.v1.StatusRequest\x1a\x1a.asyncfl.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKSTATUS_REJECTEDENTRY']._loaded_options = None
   _globals['_TASKSTATUS_REJECTEDENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1400
-  _globals['_DTYPE']._serialized_end=1449
+  _globals['_DTYPE']._serialized_start=1710
+  _globals['_DTYPE']._serialized_end=1799
   _globals['_CHECKINREQUEST']._serialized_start=40
   _globals['_CHECKINREQUEST']._serialized_end=95
   _globals['_ASSIGNMENT']._serialized_start=98
-  _globals['_ASSIGNMENT']._serialized_end=286
-  _globals['_CHECKINRESPONSE']._serialized_start=288
-  _globals['_CHECKINRESPONSE']._serialized_end=403
-  _globals['_DOWNLOADREQUEST']._serialized_start=405
-  _globals['_DOWNLOADREQUEST']._serialized_end=439
-  _globals['_MODELCHUNK']._serialized_start=441
-  _globals['_MODELCHUNK']._serialized_end=525
-  _globals['_UPLOADHEADER']._serialized_start=528
-  _globals['_UPLOADHEADER']._serialized_end=687
-  _globals['_UPLOADCHUNK']._serialized_start=689
-  _globals['_UPLOADCHUNK']._serialized_end=770
-  _globals['_UPLOADRESPONSE']._serialized_start=772
-  _globals['_UPLOADRESPONSE']._serialized_end=863
-  _globals['_STATUSREQUEST']._serialized_start=865
-  _globals['_STATUSREQUEST']._serialized_end=880
-  _globals['_TASKSTATUS']._serialized_start=883
-  _globals['_TASKSTATUS']._serialized_end=1323
-  _globals['_TASKSTATUS_REJECTEDENTRY']._serialized_start=1276
-  _globals['_TASKSTATUS_REJECTEDENTRY']._serialized_end=1323
-  _globals['_STATUSRESPONSE']._serialized_start=1325
-  _globals['_STATUSRESPONSE']._serialized_end=1398
-  _globals['_FEDERATEDLEARNING']._serialized_start=1452
-  _globals['_FEDERATEDLEARNING']._serialized_end=1747
+  _globals['_ASSIGNMENT']._serialized_end=361
+  _globals['_ENCLAVEREPORT']._serialized_start=363
+  _globals['_ENCLAVEREPORT']._serialized_end=453
+  _globals['_SEALEDSEED']._serialized_start=455
+  _globals['_SEALEDSEED']._serialized_end=532
+  _globals['_CHECKINRESPONSE']._serialized_start=534
+  _globals['_CHECKINRESPONSE']._serialized_end=649
+  _globals['_DOWNLOADREQUEST']._serialized_start=651
+  _globals['_DOWNLOADREQUEST']._serialized_end=685
+  _globals['_MODELCHUNK']._serialized_start=687
+  _globals['_MODELCHUNK']._serialized_end=771
+  _globals['_UPLOADHEADER']._serialized_start=774
+  _globals['_UPLOADHEADER']._serialized_end=997
+  _globals['_UPLOADCHUNK']._serialized_start=999
+  _globals['_UPLOADCHUNK']._serialized_end=1080
+  _globals['_UPLOADRESPONSE']._serialized_start=1082
+  _globals['_UPLOADRESPONSE']._serialized_end=1173
+  _globals['_STATUSREQUEST']._serialized_start=1175
+  _globals['_STATUSREQUEST']._serialized_end=1190
+  _globals['_TASKSTATUS']._serialized_start=1193
+  _globals['_TASKSTATUS']._serialized_end=1633
+  _globals['_TASKSTATUS_REJECTEDENTRY']._serialized_start=1586
+  _globals['_TASKSTATUS_REJECTEDENTRY']._serialized_end=1633
+  _globals['_STATUSRESPONSE']._serialized_start=1635
+  _globals['_STATUSRESPONSE']._serialized_end=1708
+  _globals['_FEDERATEDLEARNING']._serialized_start=1802
+  _globals['_FEDERATEDLEARNING']._serialized_end=2097
 # @@protoc_insertion_point(module_scope)

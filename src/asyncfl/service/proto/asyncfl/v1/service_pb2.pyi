@@ -11,8 +11,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_RING_U32: _ClassVar[DType]
+    DTYPE_RING_U64: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
+DTYPE_RING_U32: DType
+DTYPE_RING_U64: DType
 
 class CheckInRequest(_message.Message):
     __slots__ = ("num_examples", "task_id")
@@ -23,7 +27,7 @@ class CheckInRequest(_message.Message):
     def __init__(self, num_examples: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("task_id", "lease_id", "model_version", "model_dim", "lease_timeout_s", "client_config_json", "model_config_json", "clip_norm")
+    __slots__ = ("task_id", "lease_id", "model_version", "model_dim", "lease_timeout_s", "client_config_json", "model_config_json", "clip_norm", "enclave_report", "enclave_config")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +36,8 @@ class Assignment(_message.Message):
     CLIENT_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    ENCLAVE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    ENCLAVE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     lease_id: str
     model_version: int
@@ -40,7 +46,31 @@ class Assignment(_message.Message):
     client_config_json: str
     model_config_json: str
     clip_norm: float
-    def __init__(self, task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., model_version: _Optional[int] = ..., model_dim: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., client_config_json: _Optional[str] = ..., model_config_json: _Optional[str] = ..., clip_norm: _Optional[float] = ...) -> None: ...
+    enclave_report: EnclaveReport
+    enclave_config: bytes
+    def __init__(self, task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., model_version: _Optional[int] = ..., model_dim: _Optional[int] = ..., lease_timeout_s: _Optional[float] = ..., client_config_json: _Optional[str] = ..., model_config_json: _Optional[str] = ..., clip_norm: _Optional[float] = ..., enclave_report: _Optional[_Union[EnclaveReport, _Mapping]] = ..., enclave_config: _Optional[bytes] = ...) -> None: ...
+
+class EnclaveReport(_message.Message):
+    __slots__ = ("measurement", "public_key", "epoch", "signature")
+    MEASUREMENT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    measurement: bytes
+    public_key: bytes
+    epoch: bytes
+    signature: bytes
+    def __init__(self, measurement: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., epoch: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SealedSeed(_message.Message):
+    __slots__ = ("update_id", "ephemeral_public", "ciphertext")
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    update_id: bytes
+    ephemeral_public: bytes
+    ciphertext: bytes
+    def __init__(self, update_id: _Optional[bytes] = ..., ephemeral_public: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
     __slots__ = ("assignment", "retry_after_s", "done")
@@ -71,7 +101,7 @@ class ModelChunk(_message.Message):
     def __init__(self, model_version: _Optional[int] = ..., model_dim: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("task_id", "lease_id", "upload_id", "base_version", "num_examples", "dim", "dtype")
+    __slots__ = ("task_id", "lease_id", "upload_id", "base_version", "num_examples", "dim", "dtype", "tee_epoch", "sealed_seed")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +109,8 @@ class UploadHeader(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TEE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEALED_SEED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     lease_id: str
     upload_id: str
@@ -86,7 +118,9 @@ class UploadHeader(_message.Message):
     num_examples: int
     dim: int
     dtype: DType
-    def __init__(self, task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    tee_epoch: bytes
+    sealed_seed: SealedSeed
+    def __init__(self, task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tee_epoch: _Optional[bytes] = ..., sealed_seed: _Optional[_Union[SealedSeed, _Mapping]] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("header", "data")

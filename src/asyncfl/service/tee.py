@@ -1,0 +1,164 @@
+"""``secure_aggregation: {mode: tee}`` in the service: the secure buffer's enclave beside the
+server (Papaya, Huba et al., MLSys 2022, §5).
+
+The aggregator role runs :class:`~asyncfl.algorithms.secure_fedbuff.SecureFedBuff` over the
+enclave exactly as the simulator does (:mod:`asyncfl.sim.secure_buffer`): each client verifies
+the enclave's attestation report, uploads ``y = q + PRG(seed) mod 2^k`` and its seed sealed to
+the enclave, and the server only ever unmasks sums of K contributions.
+
+This module holds what both sides need to agree on:
+
+- :func:`enclave_config_for`: the enclave's measured config, derived from the task config and
+  the model size alone, so a device can compute the measurement it expects from the published
+  task config (:func:`expected_measurement_for`) without trusting the server;
+- :func:`load_vendor`: the simulated hardware vendor key (the "CPU" that signs reports),
+  persisted so a restarted server's new enclave boots are vouched for by the same key;
+- :class:`TeeTrust`: what a client is configured with (vendor public key, expected
+  measurement); a client without it refuses tee tasks.
+
+Not done (the config refuses them): DP noise in the enclave, example weighting other than
+``equal``, FedAsync/FedAvg over the TEE buffer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from asyncfl.algorithms.fedbuff import FedBuffConfig
+from asyncfl.algorithms.secure_fedbuff import SecureFedBuff
+from asyncfl.core.server_opt import ServerOptimizer
+from asyncfl.core.update import FloatVector
+from asyncfl.errors import ConfigError, ConfigProblem
+from asyncfl.secure.fixedpoint import FixedPointCodec
+from asyncfl.secure.tee import (
+    EnclaveBackend,
+    EnclaveConfig,
+    InProcessBackend,
+    SimulatedVendor,
+    SubprocessBackend,
+)
+from asyncfl.secure.tee.client import expected_measurement
+from asyncfl.secure.tee.enclave import with_smallest_ring
+from asyncfl.service.config import TaskConfig
+
+__all__ = [
+    "TeeAggregator",
+    "TeeTrust",
+    "build_tee",
+    "enclave_config_for",
+    "expected_measurement_for",
+    "load_vendor",
+]
+
+
+@dataclass(frozen=True)
+class TeeTrust:
+    """A device's trust anchor for tee tasks, configured on the device (never from the server)."""
+
+    vendor_public: bytes
+    """The hardware vendor's Ed25519 public key (32 bytes)."""
+    expected_measurement: bytes
+    """SHA-256 measurement of the enclave program + config the device agrees to seal to."""
+
+
+def enclave_config_for(cfg: TaskConfig, dim: int) -> EnclaveConfig:
+    """The enclave config of task ``cfg`` with a ``dim``-parameter model (equal weighting:
+    the largest integer weight is ``2^weight_bits``). Raises :class:`ConfigError` if the
+    ring cannot hold a release of K contributions."""
+    sa = cfg.secure_aggregation
+    alg = cfg.algorithm
+    if not isinstance(alg, FedBuffConfig):
+        raise ConfigError([ConfigProblem("algorithm.name", alg.name, "fedbuff with tee")])
+    max_weight = 1 << sa.weight_bits
+    ec = EnclaveConfig(
+        task=cfg.id,
+        dim=dim,
+        ring_bits=sa.ring_bits,
+        frac_bits=sa.frac_bits,
+        clip=sa.clip,
+        weight_bits=sa.weight_bits,
+        min_contributions=alg.buffer_size,
+        max_weight=max_weight,
+    )
+    if ec.weight_budget() < alg.buffer_size * max_weight:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "secure_aggregation.ring_bits",
+                    sa.ring_bits,
+                    f"enough bits for K={alg.buffer_size} contributions of weight {max_weight}; "
+                    "raise ring_bits or lower frac_bits, weight_bits or clip",
+                )
+            ]
+        )
+    return with_smallest_ring(ec)
+
+
+def expected_measurement_for(cfg: TaskConfig, dim: int) -> bytes:
+    """The measurement a device expects for task ``cfg``: this build's enclave code + config."""
+    return expected_measurement(enclave_config_for(cfg, dim))
+
+
+def load_vendor(path: Path) -> SimulatedVendor:
+    """The simulated vendor key in ``path`` (hex of 32 bytes), created (mode 0600) if absent.
+
+    In a real TEE this key is the CPU vendor's and never on the server; here the server plays
+    the hardware (docs/security.md: simulated attestation proves nothing against the host).
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex())
+    text = path.read_text().strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(
+            [ConfigProblem("tee_vendor_key_file", str(path), "a file holding 64 hex digits")]
+        )
+    return SimulatedVendor.from_private(raw)
+
+
+@dataclass
+class TeeAggregator:
+    """The task's secure aggregator, its enclave backend and the enclave's config."""
+
+    agg: SecureFedBuff
+    backend: EnclaveBackend
+    enclave: EnclaveConfig
+    vendor_public: bytes
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def build_tee(
+    cfg: TaskConfig,
+    params: FloatVector,
+    optimizer: ServerOptimizer,
+    vendor: SimulatedVendor,
+) -> TeeAggregator:
+    """Boot a fresh enclave (new key, new epoch, empty buffer) and the aggregator before it."""
+    sa = cfg.secure_aggregation
+    alg = cfg.algorithm
+    assert isinstance(alg, FedBuffConfig)  # TaskConfig.validate refuses anything else
+    ec = enclave_config_for(cfg, int(params.shape[0]))
+    codec = FixedPointCodec(clip=sa.clip, frac_bits=sa.frac_bits, ring_bits=ec.ring_bits)
+    backend: EnclaveBackend = (
+        SubprocessBackend(ec, vendor)
+        if sa.tee_backend == "subprocess"
+        else InProcessBackend(ec, vendor)
+    )
+    try:
+        agg = SecureFedBuff(
+            alg, params, optimizer, backend=backend, codec=codec, weight_bits=sa.weight_bits
+        )
+    except BaseException:
+        backend.close()
+        raise
+    return TeeAggregator(agg, backend, ec, vendor.public)
