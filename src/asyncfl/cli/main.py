@@ -131,10 +131,12 @@ app.add_typer(experiment_app, name="experiment")
 from asyncfl.cli.service import client as _service_client  # noqa: E402
 from asyncfl.cli.service import serve as _service_serve  # noqa: E402
 from asyncfl.cli.service import status as _service_status  # noqa: E402
+from asyncfl.cli.service import tee_trust as _service_tee_trust  # noqa: E402
 
 app.command("serve")(_service_serve)
 app.command("client")(_service_client)
 app.command("status")(_service_status)
+app.command("tee-trust")(_service_tee_trust)
 
 
 def main() -> None:

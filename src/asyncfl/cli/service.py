@@ -74,6 +74,37 @@ def serve(
     run_server(cfg)
 
 
+def tee_trust(
+    config: Annotated[Path, typer.Argument(help="Service YAML config (see docs/service.md).")],
+    task: Annotated[str, typer.Option(help="The tee task's id.")],
+) -> None:
+    """Print what a device must trust for a tee task: vendor public key and measurement (hex).
+
+    Run it where the server's storage is (it creates the simulated vendor key if absent) and
+    give both values to the devices (`asyncfl client --tee-vendor-public ... --tee-measurement
+    ...`); a device never takes them from the server it is about to trust.
+    """
+    from asyncfl.cli.main import load_config_data
+    from asyncfl.core.configload import build_config
+    from asyncfl.service.config import ServiceConfig
+    from asyncfl.service.task import initial_params
+    from asyncfl.service.tee import expected_measurement_for, load_vendor, vendor_key_path
+
+    cfg = build_config(ServiceConfig, load_config_data(config, []))
+    match = [t for t in cfg.tasks if t.id == task]
+    if not match:
+        raise typer.BadParameter(f"no task {task!r}; tasks: {[t.id for t in cfg.tasks]}")
+    t = match[0]
+    if t.secure_aggregation.mode != "tee":
+        raise typer.BadParameter(
+            f"task {task!r} has secure_aggregation.mode {t.secure_aggregation.mode!r}"
+        )
+    vendor = load_vendor(vendor_key_path(t, Path(cfg.storage.dir)))
+    dim = int(initial_params(t).shape[0])
+    typer.echo(f"tee_vendor_public: {vendor.public.hex()}")
+    typer.echo(f"tee_measurement: {expected_measurement_for(t, dim).hex()}")
+
+
 def client(
     server: Annotated[str, typer.Option(help="host:port of the server.")],
     client_ids: Annotated[str, typer.Option("--clients", help="Client ids: 3, 0-9, 1,4,7-9.")],
@@ -92,6 +123,16 @@ def client(
     task_id: Annotated[str, typer.Option(help="Join only this task.")] = "",
     report: Annotated[Path | None, typer.Option(help="Write every upload as JSON lines.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "warning",
+    tee_vendor_public: Annotated[
+        str | None,
+        typer.Option(help="tee tasks: the vendor's Ed25519 public key (hex; `asyncfl tee-trust`)."),
+    ] = None,
+    tee_measurement: Annotated[
+        str | None,
+        typer.Option(
+            help="tee tasks: the enclave measurement to accept (hex; `asyncfl tee-trust`)."
+        ),
+    ] = None,
 ) -> None:
     """Run one or several device clients: check in, train on local data, upload, repeat."""
     import torch
@@ -112,6 +153,16 @@ def client(
         raise typer.BadParameter("--token speaks for one client; use one id in --clients")
     if ca_cert is None and not (insecure and is_loopback(server.rpartition(":")[0])):
         raise typer.BadParameter("give --ca-cert, or --insecure for a loopback server")
+    trust = None
+    if (tee_vendor_public is None) != (tee_measurement is None):
+        raise typer.BadParameter("give both --tee-vendor-public and --tee-measurement, or neither")
+    if tee_vendor_public is not None and tee_measurement is not None:
+        from asyncfl.service.tee import TeeTrust
+
+        try:
+            trust = TeeTrust(bytes.fromhex(tee_vendor_public), bytes.fromhex(tee_measurement))
+        except ValueError as exc:
+            raise typer.BadParameter(f"tee trust values must be hex: {exc}") from exc
     raw = yaml.safe_load(data_config.read_text()) or {}
     seed = int(raw.get("seed", 0))
     data = load_dataset(build_config(DataConfig, raw.get("data", {})), seed)
@@ -133,6 +184,7 @@ def client(
             task_id=task_id,
             max_updates=max_updates,
             seed=seed,
+            tee=trust,
         )
         clients.append((opts, TorchTrainer(x, y, client_id=c, seed=seed)))
     reports = asyncio.run(run_clients_async(clients))

@@ -28,7 +28,7 @@ from asyncfl.service.errors import ServiceError
 from asyncfl.service.selector import RateLimiter, Slots
 from asyncfl.service.store import Store
 from asyncfl.service.task import Accepted, Submission, TaskRuntime
-from asyncfl.service.tee import load_vendor
+from asyncfl.service.tee import load_vendor, vendor_key_path
 
 __all__ = ["AssignmentInfo", "Coordinator", "TaskStats", "TeeHeader", "UploadHeaderInfo"]
 
@@ -145,8 +145,7 @@ class Coordinator:
         for t in cfg.tasks:
             vendor = None
             if t.secure_aggregation.mode == "tee":
-                key = t.tee_vendor_key_file
-                vendor = load_vendor(Path(key) if key else root / f"{t.id}.tee-vendor.key")
+                vendor = load_vendor(vendor_key_path(t, root))
             rt = TaskRuntime(
                 t, self.store, root / "checkpoints", cfg.storage.keep_checkpoints, vendor=vendor
             )

@@ -101,6 +101,13 @@ def expected_measurement_for(cfg: TaskConfig, dim: int) -> bytes:
     return expected_measurement(enclave_config_for(cfg, dim))
 
 
+def vendor_key_path(cfg: TaskConfig, storage_dir: Path) -> Path:
+    """Where task ``cfg``'s simulated vendor key lives (``tee_vendor_key_file`` or beside the
+    ledger)."""
+    key = cfg.tee_vendor_key_file
+    return Path(key) if key else storage_dir / f"{cfg.id}.tee-vendor.key"
+
+
 def load_vendor(path: Path) -> SimulatedVendor:
     """The simulated vendor key in ``path`` (hex of 32 bytes), created (mode 0600) if absent.
 
