@@ -11,16 +11,22 @@ import pytest
 from typer.testing import CliRunner
 
 from asyncfl.cli.experiment import experiment_app
+from asyncfl.errors import ConfigError
 from asyncfl.experiments.common import fmt_number, markdown_table, reached_at, slug
 from asyncfl.experiments.dp import CLIP_ONLY_NOISE, DP_TINY
 from asyncfl.experiments.papaya import PAPAYA_TINY, run_papaya
 from asyncfl.experiments.speedup import (
+    SPEEDUP_FULL,
     SPEEDUP_TINY,
     SpeedupRow,
     SpeedupTable,
+    fedbuff_server_lr,
+    speedup_specs,
     speedup_table_markdown,
     speedups,
+    update_budget,
 )
+from asyncfl.sim.config import SimConfig
 
 
 def test_papaya_tiny_writes_table_with_shared_budget(tmp_path: Path) -> None:
@@ -73,7 +79,7 @@ def test_speedup_cli_tiny(tmp_path: Path) -> None:
         ("FedBuff", 3),
     ]
     for r in rows:
-        assert r["updates_run"] <= SPEEDUP_TINY.max_updates
+        assert r["updates_run"] <= update_budget(SPEEDUP_TINY, 3) == SPEEDUP_TINY.max_updates
         # Reached <=> a time and update count are reported, and they lie within the run.
         assert r["reached"] == (r["hours"] is not None)
         if r["reached"]:
@@ -81,6 +87,70 @@ def test_speedup_cli_tiny(tmp_path: Path) -> None:
     assert set(data["speedups"]) == {"3"}
     assert (tmp_path / "accuracy_vs_hours.png").exists()
     assert "| FedBuff speedup vs FedAvgM" in res.output
+
+
+def test_speedup_cli_runs_only_the_chosen_algorithm(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        experiment_app,
+        [
+            "fedbuff-speedup",
+            "--tiny",
+            "--quiet",
+            "--concurrency",
+            "3",
+            "--algorithm",
+            "FedBuff",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert [(r["algorithm"], r["concurrency"]) for r in rows] == [("FedBuff", 3)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["fedbuff_mc_3"]
+    bad = CliRunner().invoke(
+        experiment_app, ["fedbuff-speedup", "--tiny", "--quiet", "--algorithm", "FedProx"]
+    )
+    assert bad.exit_code != 0 and "FedProx" in bad.output
+
+
+def test_speedup_settings_reject_unknown_algorithm_and_bad_budget() -> None:
+    with pytest.raises(ConfigError) as err:
+        replace(SPEEDUP_TINY, algorithms=("FedBuff", "fedbuff"), budget_rounds=0)
+    assert {p.path for p in err.value.problems} == {"algorithms", "budget_rounds"}
+    assert "fedbuff" in str(err.value)
+
+
+def test_speedup_budget_and_fedbuff_lr_per_concurrency() -> None:
+    s = SPEEDUP_FULL
+    # Reference written out by hand: budget max(6000, 60 Mc); lr = sqrt(1 + min(Mc/10 - 1, 9)),
+    # the inverse of the (1 + staleness)^-0.5 weight with the staleness capped at 9.
+    assert [update_budget(s, mc) for mc in (10, 100, 1000)] == [6000, 6000, 60000]
+    assert [fedbuff_server_lr(s, mc) for mc in (10, 100, 1000)] == pytest.approx(
+        [1.0, 10**0.5, 10**0.5], rel=1e-12
+    )
+    # Below the cap the rule is untouched: Mc = 50, K = 10 -> staleness 4 -> lr sqrt(5).
+    assert fedbuff_server_lr(s, 50) == pytest.approx(5**0.5, rel=1e-12)
+    uncapped = replace(s, fedbuff_lr_max_staleness=1000)
+    assert fedbuff_server_lr(uncapped, 1000) == pytest.approx(10.0, rel=1e-12)
+    assert fedbuff_server_lr(replace(s, fedbuff_lr=0.7), 1000) == 0.7
+
+
+def test_speedup_specs_scale_budget_and_eval_interval_with_concurrency() -> None:
+    s = replace(SPEEDUP_FULL, concurrencies=(100, 1000), algorithms=("FedAvgM", "FedBuff"))
+    specs = speedup_specs(s, SimConfig(), num_clients=1056)
+    got = [
+        (sp.label, sp.cfg.run.max_client_updates, sp.cfg.run.eval_every, sp.cfg.server_optimizer.lr)
+        for sp in specs
+    ]
+    # FedAvgM evaluates every round (one step = Mc updates); FedBuff every max(200, Mc) / K
+    # steps; the budget is 60 rounds at Mc = 1,000 and the 6,000 floor at Mc = 100.
+    assert got == [
+        ("FedAvgM Mc=100", 6000, 2, 0.3),
+        ("FedBuff Mc=100", 6000, 20, pytest.approx(10**0.5)),
+        ("FedAvgM Mc=1000", 60000, 1, 0.3),
+        ("FedBuff Mc=1000", 60000, 100, pytest.approx(10**0.5)),
+    ]
 
 
 def test_markdown_table_exact() -> None:

@@ -139,11 +139,20 @@ def fedbuff_speedup(
     target: Annotated[
         float | None, typer.Option("--target", help="Target accuracy (default: preset).")
     ] = None,
+    algorithm: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--algorithm",
+            help="FedAvgM, FedAsync or FedBuff (repeatable; default: all three). Runs of one "
+            "column in separate processes use separate cores.",
+        ),
+    ] = None,
     tiny: TinyOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """FedBuff's speedup: simulated time and client updates to a target accuracy for FedBuff,
     FedAvgM and FedAsync at several concurrencies; writes table.json, table.md, a plot."""
+    from asyncfl.errors import ConfigError
     from asyncfl.experiments.speedup import (
         SPEEDUP_FULL,
         SPEEDUP_QUICK,
@@ -153,12 +162,16 @@ def fedbuff_speedup(
     )
 
     s = SPEEDUP_TINY if tiny else SPEEDUP_QUICK if quick else SPEEDUP_FULL
-    s = replace(
-        s,
-        seed=seed,
-        concurrencies=tuple(concurrency) if concurrency else s.concurrencies,
-        target_accuracy=target if target is not None else s.target_accuracy,
-    )
+    try:
+        s = replace(
+            s,
+            seed=seed,
+            concurrencies=tuple(concurrency) if concurrency else s.concurrencies,
+            target_accuracy=target if target is not None else s.target_accuracy,
+            algorithms=tuple(algorithm) if algorithm else s.algorithms,
+        )
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--algorithm") from exc
     dest = out or Path("runs/fedbuff_speedup_quick" if quick else "runs/fedbuff_speedup")
     t0 = time.perf_counter()
     with _reporter(quiet, lambda spec: spec.cfg.run.max_client_updates) as rep:

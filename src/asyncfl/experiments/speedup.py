@@ -15,12 +15,19 @@ train at the same time. Devices: the FLASH phones with ``availability: always`` 
 simulation draws client durations and keeps every client available; a daily cycle would cap
 concurrency at the ~15% of phones online). We report, per (algorithm, Mc), the simulated hours
 and the client updates at the first evaluation that reached the target, or "not reached".
+
+The update budget grows with Mc (at least ``budget_rounds`` FedAvgM rounds), and FedBuff's
+staleness-compensating server lr is capped (``fedbuff_server_lr``). At Mc = 1,000 of 1,056
+clients nearly the whole population is always training: FedAvgM's cohort is almost everyone
+(each round waits for the slowest phone of nearly all), while the asynchronous methods can only
+replace a finished client with one of the ~56 idle ones, which are the ones that just finished,
+i.e. the fast phones with little data, so the slow clients' updates arrive rarely and very stale.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,13 +39,13 @@ from asyncfl.algorithms.fedbuff import FedBuffConfig
 from asyncfl.core.server_opt import ServerOptimizerConfig
 from asyncfl.core.weights import StalenessConfig
 from asyncfl.data.registry import DataConfig, load_dataset
+from asyncfl.errors import ConfigError, ConfigProblem
 from asyncfl.experiments.common import (
     RunOutcome,
     RunSpec,
     fmt_number,
     markdown_table,
     phones_population,
-    plot_curves,
     reached_at,
     run_specs,
     write_json,
@@ -58,9 +65,11 @@ __all__ = [
     "SpeedupSettings",
     "SpeedupTable",
     "fedbuff_server_lr",
+    "plot_speedup",
     "run_speedup",
     "speedup_specs",
     "speedup_table_markdown",
+    "update_budget",
 ]
 
 ALGORITHMS = ("FedAvgM", "FedAsync", "FedBuff")
@@ -73,9 +82,15 @@ class SpeedupSettings:
     target_accuracy: float = 0.40
     """Global next-character accuracy on all clients' held-out text."""
     max_updates: int = 6_000
-    """Client updates after which a run stops whether or not it reached the target."""
+    """Least client-update budget: a run stops after ``update_budget(s, Mc)`` updates whether or
+    not it reached the target."""
+    budget_rounds: int = 60
+    """The budget is at least this many FedAvgM rounds (``budget_rounds * Mc`` updates): a fixed
+    6,000 updates gave FedAvgM 6 rounds at Mc = 1,000; at Mc = 100 it needed about 60 rounds."""
     eval_updates: int = 200
-    """Evaluate about every this many client updates (at least once per server step)."""
+    """Evaluate about every ``max(eval_updates, Mc)`` client updates (at least once per server
+    step): one evaluation of all held-out text costs about as much wall time as 100 updates, so
+    a fixed interval would dominate the long Mc = 1,000 runs."""
     num_roles: int | None = None
     seq_len: int = 40
     embed_dim: int = 8
@@ -86,12 +101,37 @@ class SpeedupSettings:
     fedavgm_lr: float = 0.3
     fedavgm_momentum: float = 0.9
     fedbuff_lr: float | None = None
-    """None: ``1 / w(Mc/K - 1)``, undoing the staleness weight at FedBuff's typical staleness
-    so its mean step is FedAvg's (the paper tunes this server learning rate per task)."""
+    """None: ``1 / w(min(Mc/K - 1, fedbuff_lr_max_staleness))``, undoing the staleness weight at
+    FedBuff's typical staleness so its mean step is FedAvg's, up to a cap (see
+    ``fedbuff_server_lr``; the paper tunes this server learning rate per task)."""
+    fedbuff_lr_max_staleness: int = 9
+    """Staleness beyond which the server lr no longer grows (cap 1 / w(9) = sqrt(10) = 3.16)."""
     fedasync_mixing: float = 0.6
     sec_per_char: tuple[float, float] = (0.015, 0.2)
     """As in the Papaya experiment: FedScale's per-sample latency range, per character."""
     seed: int = 0
+    algorithms: tuple[str, ...] = ALGORITHMS
+    """Which of FedAvgM, FedAsync, FedBuff to run (e.g. one per process, to use two cores)."""
+
+    def __post_init__(self) -> None:
+        # Validate before anything runs: a typo would otherwise silently drop a column.
+        problems: list[ConfigProblem] = []
+        bad = [a for a in self.algorithms if a not in ALGORITHMS]
+        if bad or not self.algorithms or len(set(self.algorithms)) != len(self.algorithms):
+            problems.append(
+                ConfigProblem("algorithms", self.algorithms, f"distinct names among {ALGORITHMS}")
+            )
+        for name in ("max_updates", "budget_rounds", "eval_updates"):
+            if getattr(self, name) < 1:
+                problems.append(ConfigProblem(name, getattr(self, name), "an integer >= 1"))
+        if self.fedbuff_lr_max_staleness < 0:
+            problems.append(
+                ConfigProblem(
+                    "fedbuff_lr_max_staleness", self.fedbuff_lr_max_staleness, "an integer >= 0"
+                )
+            )
+        if problems:
+            raise ConfigError(problems)
 
 
 SPEEDUP_FULL = SpeedupSettings()
@@ -99,6 +139,7 @@ SPEEDUP_QUICK = SpeedupSettings(
     concurrencies=(10, 100),
     target_accuracy=0.33,
     max_updates=3000,
+    budget_rounds=30,
     eval_updates=100,
     num_roles=400,
 )
@@ -106,6 +147,7 @@ SPEEDUP_TINY = SpeedupSettings(
     concurrencies=(2, 4),
     target_accuracy=0.2,
     max_updates=16,
+    budget_rounds=1,
     eval_updates=4,
     num_roles=30,
     seq_len=10,
@@ -202,10 +244,12 @@ def speedup_specs(s: SpeedupSettings, base: SimConfig, num_clients: int) -> list
             ),
         ]
         for name, alg, opt, per_step in algs:
+            if name not in s.algorithms:
+                continue
             run = RunConfig(
                 max_server_steps=None,
-                max_client_updates=s.max_updates,
-                eval_every=max(1, math.floor(s.eval_updates / per_step)),
+                max_client_updates=update_budget(s, mc),
+                eval_every=max(1, math.floor(max(s.eval_updates, mc) / per_step)),
                 target_metric=METRIC,
                 target_value=s.target_accuracy,
                 target_mode="max",
@@ -215,10 +259,27 @@ def speedup_specs(s: SpeedupSettings, base: SimConfig, num_clients: int) -> list
     return specs
 
 
+def update_budget(s: SpeedupSettings, mc: int) -> int:
+    """Client updates a run at concurrency ``mc`` may use: at least ``budget_rounds`` FedAvgM
+    rounds of cohort ``mc``, and never fewer than ``max_updates``."""
+    return max(s.max_updates, s.budget_rounds * mc)
+
+
 def fedbuff_server_lr(s: SpeedupSettings, mc: int) -> float:
+    """FedBuff's server lr: ``1 / w(min(Mc/K - 1, fedbuff_lr_max_staleness))``.
+
+    With Mc clients in flight and a step every K updates, a typical update is Mc/K - 1 steps
+    stale; dividing by its weight w makes the mean step FedAvg's. The cap exists because that
+    compensation also multiplies every *fresh* update, and because FedBuff's convergence bound
+    (Nguyen et al. 2022, Thm. 1) needs the step to shrink, not grow, as staleness grows: the
+    uncapped rule gave lr 10 at Mc = 1,000, where FedBuff stalled at 0.11 accuracy. The default
+    cap (staleness 9, lr sqrt(10)) is the largest value measured to work (Mc = 100), so the
+    Mc = 10 and 100 settings are the uncapped rule's.
+    """
     if s.fedbuff_lr is not None:
         return s.fedbuff_lr
-    return 1.0 / StalenessConfig(kind="polynomial", a=0.5).weight(max(0, mc // s.buffer_size - 1))
+    stale = min(max(0, mc // s.buffer_size - 1), s.fedbuff_lr_max_staleness)
+    return 1.0 / StalenessConfig(kind="polynomial", a=0.5).weight(stale)
 
 
 def _base_config(s: SpeedupSettings) -> SimConfig:
@@ -277,7 +338,7 @@ def run_speedup(
     outcomes = run_specs(
         specs, data, pop, out, on_start=on_start, on_progress=on_progress, on_done=on_done
     )
-    keys = [(alg, mc) for mc in s.concurrencies for alg in ALGORITHMS]
+    keys = [(alg, mc) for mc in s.concurrencies for alg in ALGORITHMS if alg in s.algorithms]
     table = SpeedupTable(
         settings=s,
         rows=tuple(
@@ -295,15 +356,53 @@ def run_speedup(
     )
     write_json(out / "table.json", table.to_json())
     (out / "table.md").write_text(speedup_table_markdown(table))
-    plot_curves(
+    plot_speedup(
         table.curves,
+        s.concurrencies,
         out / "accuracy_vs_hours.png",
-        xlabel="simulated time (hours)",
-        ylabel="next-character accuracy (held-out)",
-        title=f"Shakespeare, {pop.source} (always online), target {s.target_accuracy:.2f}",
-        hline=s.target_accuracy,
+        target=s.target_accuracy,
+        title=f"Shakespeare, {pop.source} (always online)",
     )
     return table
+
+
+def plot_speedup(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    concurrencies: Sequence[int],
+    path: Path,
+    *,
+    target: float,
+    title: str,
+) -> None:
+    """Accuracy against simulated hours (log scale), one panel per concurrency (curves
+    labelled ``"<algorithm> Mc=<mc>"``): the runs span minutes to days of simulated time, so a
+    shared linear axis would squash the fast ones into its left edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(concurrencies), figsize=(4.2 * len(concurrencies), 3.8), squeeze=False
+    )
+    for ax, mc in zip(axes[0], concurrencies, strict=True):
+        for alg in ALGORITHMS:
+            if (xy := curves.get(_label(alg, mc))) is not None:
+                # Log time: the asynchronous runs finish 10-100x sooner than FedAvgM's rounds;
+                # the evaluation at time 0 has no place on it.
+                pts = [(x, y) for x, y in zip(xy[0], xy[1], strict=True) if x > 0]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=2, label=alg)
+        ax.axhline(target, ls="--", color="grey", lw=1, label="target")
+        ax.set_xscale("log")
+        ax.set_title(f"Mc = {mc:,}")
+        ax.set_xlabel("simulated time (hours, log scale)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("next-character accuracy (held-out)")
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def speedups(t: SpeedupTable) -> dict[str, dict[str, float | None]]:
@@ -343,15 +442,18 @@ def speedup_table_markdown(t: SpeedupTable) -> str:
     head = markdown_table(["", *(f"Mc = {mc:,}" for mc in mcs)], rows)
     note = (
         f"Simulated hours / client updates until the global next-character accuracy on held-out "
-        f"text first reached {s.target_accuracy:.2f} (evaluated about every {s.eval_updates} "
-        f"updates, and every round for FedAvgM), or 'not reached' within {s.max_updates:,} "
-        f"updates. Shakespeare, {t.num_clients:,} (play, role) clients, {s.seq_len}-character "
+        f"text first reached {s.target_accuracy:.2f} (evaluated about every max({s.eval_updates}, "
+        f"Mc) updates, and every round for FedAvgM), or 'not reached' within the update budget "
+        + ", ".join(f"{update_budget(s, mc):,}" for mc in mcs)
+        + f" (max({s.max_updates:,}, {s.budget_rounds} x Mc)). Shakespeare, {t.num_clients:,} "
+        f"(play, role) clients, {s.seq_len}-character "
         f"samples, LSTM {s.embed_dim}-{s.lstm_hidden}x1, {t.population} population always "
         f"online, seed {s.seed}. FedAvgM: cohort Mc, server momentum {s.fedavgm_momentum}, lr "
         f"{s.fedavgm_lr}; FedAsync: mixing rate {s.fedasync_mixing}, staleness (1+s)^-0.5; "
         f"FedBuff: K = {s.buffer_size}, staleness (1+s)^-0.5, server lr "
         + ", ".join(f"{fedbuff_server_lr(s, mc):.2f}" for mc in mcs)
-        + " (1 / the staleness weight at staleness Mc/K - 1). "
+        + " (1 / the staleness weight at staleness min(Mc/K - 1, "
+        f"{s.fedbuff_lr_max_staleness})). "
         "Final accuracy of every run:\n"
     )
     finals = markdown_table(
