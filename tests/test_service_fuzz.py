@@ -108,6 +108,8 @@ async def _scenario(tmp: Path) -> None:
             lease = resp.assignment.lease_id
             other = await stub.CheckIn(pb.CheckInRequest(num_examples=5), metadata=md_other)
             other_lease = other.assignment.lease_id
+            # Change the MAC's last hex digit (to a different one: it may already be "0").
+            forged_lease = lease[:-1] + ("1" if lease.endswith("0") else "0")
             rng = np.random.default_rng(0)
             good = rng.normal(0, 0.01, DIM).astype(np.float32)
             # One legitimate upload, so that a replay of it has something to replay.
@@ -155,7 +157,7 @@ async def _scenario(tmp: Path) -> None:
                 ),
                 (up(_header(other_lease, "u9"), _data(good)), SC.FAILED_PRECONDITION, "bad_lease"),
                 (
-                    up(_header(lease[:-1] + "0", "u10"), _data(good)),
+                    up(_header(forged_lease, "u10"), _data(good)),
                     SC.FAILED_PRECONDITION,
                     "bad_lease",
                 ),
