@@ -6,8 +6,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,6 +18,8 @@ from asyncfl.experiments.common import RunOutcome, RunSpec
 from asyncfl.sim.simulator import Progress as SimProgress
 
 __all__ = ["experiment_app"]
+
+T = TypeVar("T")
 
 experiment_app = typer.Typer(
     add_completion=False,
@@ -93,6 +96,29 @@ def _log(quiet: bool) -> Callable[[str], None]:
     return (lambda _m: None) if quiet else (lambda m: console.print(f"[dim]{m}"))
 
 
+def _updates_budget(spec: RunSpec) -> int | None:
+    return spec.cfg.run.max_client_updates
+
+
+def _execute(
+    name: str,
+    dest: Path,
+    quiet: bool,
+    budget: Callable[[RunSpec], int | None],
+    run: Callable[..., T],
+    markdown: Callable[[T], str],
+) -> None:
+    """Run one experiment with a progress bar, then print its table (all commands share this)."""
+    t0 = time.perf_counter()
+    with _reporter(quiet, budget) as rep:
+        table = run(
+            dest, log=_log(quiet), on_start=rep.start, on_progress=rep.progress, on_done=rep.done
+        )
+    if not quiet:
+        console.print(f"[green]{name}[/] finished in {time.perf_counter() - t0:.0f} s -> {dest}")
+    typer.echo(markdown(table))
+
+
 @experiment_app.command()
 def papaya(
     out: OutOpt = None,
@@ -117,14 +143,7 @@ def papaya(
     s = PAPAYA_TINY if tiny else PAPAYA_QUICK if quick else PAPAYA_FULL
     s = replace(s, seed=seed, update_budget=budget or s.update_budget)
     dest = out or Path("runs/papaya_quick" if quick else "runs/papaya")
-    t0 = time.perf_counter()
-    with _reporter(quiet, lambda spec: spec.cfg.run.max_client_updates) as rep:
-        table = run_papaya(
-            s, dest, log=_log(quiet), on_start=rep.start, on_progress=rep.progress, on_done=rep.done
-        )
-    if not quiet:
-        console.print(f"[green]papaya[/] finished in {time.perf_counter() - t0:.0f} s -> {dest}")
-    typer.echo(papaya_table_markdown(table))
+    _execute("papaya", dest, quiet, _updates_budget, partial(run_papaya, s), papaya_table_markdown)
 
 
 @experiment_app.command("fedbuff-speedup")
@@ -173,14 +192,14 @@ def fedbuff_speedup(
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--algorithm") from exc
     dest = out or Path("runs/fedbuff_speedup_quick" if quick else "runs/fedbuff_speedup")
-    t0 = time.perf_counter()
-    with _reporter(quiet, lambda spec: spec.cfg.run.max_client_updates) as rep:
-        table = run_speedup(
-            s, dest, log=_log(quiet), on_start=rep.start, on_progress=rep.progress, on_done=rep.done
-        )
-    if not quiet:
-        console.print(f"[green]fedbuff-speedup[/] finished in {time.perf_counter() - t0:.0f} s")
-    typer.echo(speedup_table_markdown(table))
+    _execute(
+        "fedbuff-speedup",
+        dest,
+        quiet,
+        _updates_budget,
+        partial(run_speedup, s),
+        speedup_table_markdown,
+    )
 
 
 @experiment_app.command("dp")
@@ -211,12 +230,6 @@ def dp(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--epsilon") from exc
     dest = out or Path("runs/dp_quick" if quick else "runs/dp")
-    t0 = time.perf_counter()
     # The bar counts client updates: T steps of C (FedAvg) or K (FedBuff) updates each.
-    with _reporter(quiet, lambda _spec: s.server_steps * s.cohort) as rep:
-        table = run_dp(
-            s, dest, log=_log(quiet), on_start=rep.start, on_progress=rep.progress, on_done=rep.done
-        )
-    if not quiet:
-        console.print(f"[green]dp[/] finished in {time.perf_counter() - t0:.0f} s -> {dest}")
-    typer.echo(dp_table_markdown(table))
+    steps = s.server_steps * s.cohort
+    _execute("dp", dest, quiet, lambda _spec: steps, partial(run_dp, s), dp_table_markdown)
