@@ -26,16 +26,32 @@ from asyncfl.models.registry import build_model
 from asyncfl.sim.config import RunConfig, SimConfig
 from asyncfl.sim.factory import build_simulator
 from asyncfl.training.config import ClientConfig
+from asyncfl.training.flat_sgd import FlatSGD
 from asyncfl.training.loss import cross_entropy
 from common import write_markdown
 
 
 def floor_loop(
-    data, clients: list[int], cfg: ClientConfig, hidden: tuple[int, ...]
+    data, clients: list[int], cfg: ClientConfig, hidden: tuple[int, ...], fused: bool = False
 ) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    """The same local SGD steps, in one plain loop: one model, one optimizer, no FL."""
+    """The same local SGD steps, in one plain loop: one model, one optimizer, no FL.
+
+    ``fused``: the stricter floor. The loop's model lives in one flat vector and steps with
+    the simulator's own fused ``FlatSGD``, so the comparison isolates the FL machinery from
+    the optimizer speed-up the simulator gets over a plain ``torch.optim.SGD`` loop.
+    """
     model = build_model("mlp", data.input_shape, data.num_classes, hidden=hidden, seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    params = list(model.parameters())
+    opt: torch.optim.Optimizer | FlatSGD
+    if fused:
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        offset = 0
+        for p in params:
+            p.data = flat[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        opt = FlatSGD(params, flat, cfg.lr)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr)
     g = torch.Generator()
     steps = 0
     t0 = time.perf_counter()
@@ -47,7 +63,7 @@ def floor_loop(
             perm = torch.randperm(n, generator=g)
             for s in range(0, n, cfg.batch_size):
                 idx = perm[s : s + cfg.batch_size]
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 cross_entropy(model(x.index_select(0, idx)), y.index_select(0, idx)).backward()
                 opt.step()
                 steps += 1
@@ -81,7 +97,7 @@ def measure(args: argparse.Namespace, size_mean: float) -> tuple[list[str], floa
         run=RunConfig(max_server_steps=None, max_client_updates=args.clients, eval_every=10**9),
     )
     cfg = replace(cfg, model=replace(cfg.model, hidden=hidden))
-    sims, floors = [], []
+    sims, floors, fused_floors = [], [], []
     for _ in range(args.repeats):
         sim = build_simulator(cfg, data=data)
         # Record which client trained when, so the floor trains the same clients in the
@@ -91,17 +107,20 @@ def measure(args: argparse.Namespace, size_mean: float) -> tuple[list[str], floa
         r = sim.run()
         loop_s = r.wall_time_s - r.eval_wall_time_s
         floor_s, steps = floor_loop(data, trained, client, hidden)
+        fused_s, _ = floor_loop(data, trained, client, hidden, fused=True)
         sims.append((loop_s, r.client_updates, r.train_wall_time_s))
         floors.append((floor_s, steps))
-    best_sim, best_floor = min(sims), min(floors)
+        fused_floors.append(fused_s)
+    best_sim, best_floor, best_fused = min(sims), min(floors), min(fused_floors)
     updates = best_sim[1]
     sim_ups, floor_ups = updates / best_sim[0], updates / best_floor[0]
-    ratio = sim_ups / floor_ups
+    ratio, strict = sim_ups / floor_ups, best_fused / best_sim[0]
     sizes = data.train_sizes
     row = [
         f"| p50 {int(np.median(sizes))}, max {int(sizes.max())} | {best_floor[1]:,} "
         f"| {best_floor[0]:.3f} s, {floor_ups:,.0f}/s | {best_sim[0]:.3f} s, {sim_ups:,.0f}/s "
-        f"| {best_sim[2]:.3f} s / {best_sim[0] - best_sim[2]:.3f} s | **{100 * ratio:.1f}%** |"
+        f"| {best_sim[2]:.3f} s / {best_sim[0] - best_sim[2]:.3f} s | **{100 * ratio:.1f}%** "
+        f"| {best_fused:.3f} s, {updates / best_fused:,.0f}/s | {100 * strict:.1f}% |"
     ]
     return row, ratio
 
@@ -136,8 +155,8 @@ def main() -> None:
         "events, no aggregation). Target: the simulator reaches >= 80% of the floor.",
         "",
         "| client sizes | local SGD steps | compute floor | asyncfl simulator | "
-        "simulator: training / rest | share of floor |",
-        "|---|---|---|---|---|---|",
+        "simulator: training / rest | share of floor | fused-step floor | share of it |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ratios = []
     for size_mean in args.size_means:
@@ -148,7 +167,11 @@ def main() -> None:
         "",
         "The per-update cost of the FL machinery (loading the global model into the shared "
         "flat buffer, the delta, events, selection, validation, the buffered weighted sum) is "
-        "constant, so its share shrinks as clients do more local work.",
+        "constant, so its share shrinks as clients do more local work. The simulator's local "
+        "training steps with one fused SGD update over its flat parameter vector "
+        "(`asyncfl.training.flat_sgd.FlatSGD`) where the plain loop calls `torch.optim.SGD`, "
+        "which for a model this small saves ~25 us per step; the last two columns compare "
+        "against a floor that uses the same fused step, i.e. the FL machinery alone.",
     ]
     write_markdown(args.out, "Simulator throughput vs. compute floor", lines)
     print("ratios:", ", ".join(f"{100 * r:.1f}%" for r in ratios))

@@ -13,6 +13,7 @@ from asyncfl.data.federated import from_client_arrays
 from asyncfl.models.registry import build_model
 from asyncfl.training.config import ClientConfig
 from asyncfl.training.evaluate import evaluate, top_fraction_mean
+from asyncfl.training.flat_sgd import FlatSGD
 from asyncfl.training.local import LocalTrainer
 
 
@@ -114,3 +115,65 @@ def test_top_fraction_mean() -> None:
     assert top_fraction_mean(values, sizes, 0.25) == pytest.approx(0.9)
     assert top_fraction_mean(values, sizes, 0.5) == pytest.approx(0.7)
     assert math.isnan(top_fraction_mean(np.array([np.nan]), np.array([1]), 1.0))
+
+
+def _torch_sgd_reference(
+    start: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    cfg: ClientConfig,
+) -> np.ndarray:
+    """Reference: a fresh model and a fresh torch.optim.SGD, the same minibatch order."""
+    ref = build_model("mlp", (5,), 3, hidden=(4,), seed=9)
+    ParamSpec.from_module(ref).load_into(ref, start)
+    opt = torch.optim.SGD(
+        ref.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    gen = torch.Generator().manual_seed(seed)
+    n = int(y.shape[0])
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n, cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+            opt.step()
+    return ParamSpec.from_module(ref).flatten(ref.state_dict())
+
+
+def test_fused_flat_sgd_matches_torch_sgd_with_momentum_and_decay() -> None:
+    torch.manual_seed(3)
+    x, y = torch.randn(29, 5) * torch.tensor([1.0, -2.0, 0.5, 3.0, 0.1]), torch.randint(0, 3, (29,))
+    cfg = ClientConfig(epochs=3, batch_size=6, lr=0.11, momentum=0.7, weight_decay=0.03)
+    trainer = LocalTrainer(build_model("mlp", (5,), 3, hidden=(4,), seed=1), cfg)
+    assert isinstance(trainer._optimizer, FlatSGD)  # the fused path is what this tests
+    start = trainer.current()
+    # Two clients in a row: the momentum buffer must not leak from one to the next, and a
+    # caller resetting the gradients (model.zero_grad sets them to None) must not matter.
+    for seed, (xs, ys) in [(5, (x, y)), (6, (x[:17] * 2, y[:17]))]:
+        res = trainer.train(start, xs, ys, seed=seed)
+        end = _torch_sgd_reference(start, xs, ys, seed, cfg)
+        np.testing.assert_allclose(res.delta, start - end, rtol=1e-5, atol=1e-6)
+        trainer.model.zero_grad()
+
+
+def test_flat_sgd_refuses_params_that_do_not_tile_the_vector() -> None:
+    flat = torch.zeros(10)
+    a = torch.nn.Parameter(torch.zeros(2, 3))
+    a.data = flat[:6].view(2, 3)
+    with pytest.raises(ValueError, match="tile"):
+        FlatSGD([a], flat, lr=0.1)  # 4 values of flat belong to no parameter
+    with pytest.raises(ValueError, match="not a view"):
+        FlatSGD([torch.nn.Parameter(torch.zeros(10))], flat, lr=0.1)
+
+
+def test_model_with_buffers_falls_back_to_torch_sgd() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)
+    )
+    trainer = LocalTrainer(model, ClientConfig(epochs=1, batch_size=8, lr=0.1))
+    assert isinstance(trainer._optimizer, torch.optim.SGD)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    res = trainer.train(trainer.current(), x, y, seed=0)
+    assert res.steps == 2 and np.abs(res.delta).sum() > 0

@@ -17,6 +17,7 @@ import torch
 from asyncfl.core.params import ParamSpec
 from asyncfl.core.update import FloatVector
 from asyncfl.training.config import ClientConfig
+from asyncfl.training.flat_sgd import FlatSGD
 from asyncfl.training.loss import cross_entropy
 
 __all__ = ["LocalResult", "LocalTrainer"]
@@ -42,14 +43,22 @@ class LocalTrainer:
         self._flat_np = self._flat.numpy()  # shares memory with _flat
         self._bind_views()
         params = [p for p in model.parameters() if p.requires_grad]
-        self._optimizer: torch.optim.Optimizer
-        if cfg.optimizer == "sgd":
-            self._optimizer = torch.optim.SGD(
+        self._optimizer: torch.optim.Optimizer | FlatSGD
+        self._optimizer = self._make_optimizer(params)
+        self._generator = torch.Generator()
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | FlatSGD:
+        cfg = self.cfg
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        try:
+            # One fused step over the flat vector: for the small models of cross-device FL,
+            # torch.optim's per-tensor bookkeeping costs as much as the arithmetic.
+            return FlatSGD(params, self._flat, cfg.lr, cfg.momentum, cfg.weight_decay)
+        except ValueError:  # buffers (e.g. batch-norm statistics) share the flat vector
+            return torch.optim.SGD(
                 params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
             )
-        else:
-            self._optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self._generator = torch.Generator()
 
     def _bind_views(self) -> None:
         """Make every floating-point tensor of the model a view into ``self._flat``."""
@@ -81,7 +90,11 @@ class LocalTrainer:
         self.load(params)
         if n == 0:
             return LocalResult(np.zeros(self.spec.dim, np.float32), 0, 0, 0)
-        self._optimizer.state.clear()
+        opt = self._optimizer
+        if isinstance(opt, FlatSGD):
+            opt.reset()
+        else:
+            opt.state.clear()
         self._generator.manual_seed(seed)
         if not self.model.training:  # evaluation switched it; module.train() walks every module
             self.model.train()
@@ -90,7 +103,6 @@ class LocalTrainer:
             self.cfg.steps if self.cfg.steps is not None else self.cfg.epochs * -(-n // bs)
         )
         step = 0
-        opt = self._optimizer
         model = self.model
         while step < total_steps:
             perm = torch.randperm(n, generator=self._generator)
@@ -98,7 +110,7 @@ class LocalTrainer:
                 if step >= total_steps:
                     break
                 idx = perm[start : start + bs]
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()  # FlatSGD: one zero_; torch.optim: grads set to None
                 # index_select: plain fancy indexing is ~1000x slower on multi-dim tensors
                 # when torch runs with several threads on a busy machine.
                 # The loss is not read back: a per-step .item() (or even keeping the loss
