@@ -1,15 +1,31 @@
 """Benchmark FedBuff with the TEE secure buffer against plain FedBuff (server and client cost).
 
-Usage: .venv/bin/python bench/secure_buffer.py [--quick] [--out docs/benchmarks/secure_buffer.md]
+Usage: .venv/bin/python bench/secure_buffer.py [--repeats 3] [--steps 4] [--quick]
+       [--out docs/benchmarks/secure_buffer.md]
 
-Per server step (K updates + the step) it times the server side: plain ``FedBuff.on_update``
-versus ``SecureFedBuff.on_masked_update``, which includes the enclave's work (unsealing the
-seed, expanding the mask with AES-CTR, accumulating it, releasing the unmasking) because the
-enclave runs on the server machine. The in-process backend measures the compute; the
-subprocess backend adds the process boundary (frames over a socketpair). Client-side
-overhead is ``TeeClient.upload`` per update (verify the report, encode, mask, seal) against
-nothing for a plain upload. Clients' deltas are random; the server step is SGD. BLAS runs
-one thread (see ``main``), and each step's uploads are made before its arrivals are timed.
+Server time per step = K arrivals + the step, for plain ``FedBuff.on_update`` (the product's
+path: validation, weighted float32 sum, server SGD) and ``SecureFedBuff.on_masked_update``
+including the enclave's work (seal opening, AES-CTR mask expansion and accumulation, the
+release), because the enclave runs on the server machine. Each step's K uploads are prepared
+first (client time, measured apart: ``TeeClient.upload`` = verify the report, encode, mask,
+seal) and then arrive back to back, alternating plain and secure step by step. Every update
+is its own array for both aggregators (as when each arrives from the network); the old
+version of this benchmark fed plain FedBuff one shared, cache-resident delta, which is
+reported apart for comparison.
+
+Rings: the product's default codec (``SecureAggregationConfig()``: f = 24, S = 12, clip 1, ring
+2^62) and a coarser one (f = 16, S = 8); in both the ring is the one the product picks,
+``with_smallest_ring`` (uint32 storage when a full release fits 31 bits, else the configured
+ring in uint64). Server modes: the enclave in process (the default ``tee_backend``: one
+thread does everything), in its own process (``subprocess``) with the aggregator waiting for
+each registration's answer (the default ``pipeline = 0``), and in its own process with
+pipelined registrations (``pipeline = 8``: answers are read when they are in, all before a
+release).
+
+Reported per step: wall time (the target's measure), the aggregator's CPU time (this thread)
+and the enclave process's CPU time (``/proc/PID/schedstat``), medians over steps and then over
+repeats; each repeat runs every configuration once, interleaved, so slow phases of a shared
+machine hit all of them. BLAS runs one thread (see ``main``).
 """
 
 from __future__ import annotations
@@ -18,6 +34,8 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +45,12 @@ from asyncfl.algorithms.fedbuff import FedBuff, FedBuffConfig
 from asyncfl.algorithms.secure_fedbuff import SecureFedBuff
 from asyncfl.core.server_opt import ServerOptimizerConfig, make_server_optimizer
 from asyncfl.core.update import Update
+from asyncfl.secure.crypto import KeyPair
 from asyncfl.secure.fixedpoint import FixedPointCodec
+from asyncfl.secure.prg import MaskExpander
+from asyncfl.secure.ring import Ring
 from asyncfl.secure.tee import (
+    EnclaveBackend,
     EnclaveConfig,
     InProcessBackend,
     SimulatedVendor,
@@ -37,84 +59,91 @@ from asyncfl.secure.tee import (
     expected_measurement,
 )
 from asyncfl.secure.tee.enclave import with_smallest_ring
+from asyncfl.secure.tee.sealing import SeedContext, open_seed, seal_seed
+from asyncfl.sim.secure_rounds import SecureAggregationConfig
 from common import write_markdown
 
-NOTE = [
-    "**Verdict: the 1.3x target is missed everywhere on this machine** (2 cores shared "
-    "with other jobs; the load average is printed above). Where the time goes, per "
-    "arrival, single-threaded, at the quietest moments of this session (1M parameters): "
-    "plain FedBuff validates and adds one float32 vector (~0.45 ms). The secure buffer "
-    "opens the sealed seed (X25519 + HKDF + AES-GCM, ~0.1 ms at any model size), expands "
-    "the AES-256-CTR mask (~1.0 ms for uint64, ~0.5 ms for uint32: the keystream alone "
-    "exceeds plain FedBuff's whole arrival), multiply-adds it in the enclave and "
-    "multiply-adds the masked upload in the aggregator (~0.7 ms uint64, ~0.2 ms uint32). "
-    "So in one process the floor is ~2x for uint32 and ~4x for uint64, and at 100k "
-    "parameters the fixed ~0.2 ms of seed opening and message handling per arrival "
-    "dominates against ~0.05 ms for plain FedBuff. The subprocess backend overlaps the "
-    "enclave's work with the aggregator's (registration answered before the mask is "
-    "expanded; the aggregator adds while the enclave works), which needs an idle core: on "
-    "this loaded machine the socket round trip per arrival costs more than the overlap "
-    "saves, so subprocess rows are slower than in-process ones.",
-    "",
-    "Before/after on the same machine in the same session, old code (git HEAD before this "
-    "change) and new code run alternately, median ratio over 2-3 runs, in-process "
-    "backend: f/S 24/12 (62-bit ring both): 1M x K=10 8.3x -> 7.1x, 1M x K=100 10.5x -> "
-    "7.3x, 100k x K=100 6.9x -> 6.3x; f/S 16/8 (old 62-bit, new 32-bit ring): 1M x K=10 "
-    "8.6x -> 2.2x, 1M x K=100 9.9x -> 3.1x, 100k x K=100 6.9x -> 3.8x. Subprocess "
-    "backend, 1M x K=10: 11.8x -> 7.4x (24/12), 11.5x -> 3.6x (16/8). The previous "
-    "version of this page (1.9x to 8.7x) measured with two BLAS threads: the per-step "
-    "norm of the pseudo-gradient then took ~10 ms on the busy cores in BOTH aggregators, "
-    "which inflated the plain baseline; this run pins one BLAS thread.",
-    "",
-    "What changed: the smallest ring that holds a full release (`with_smallest_ring`, "
-    "uint32 when K x max weight x clip x 2^f plus the DP noise tail fits in 31 bits: f + "
-    "S + log2(K clip) <= 31 with equal example weights); the enclave scales the AES "
-    "keystream in place (no mask copy, no reduction per arrival) and defers it until "
-    "after its answer; the aggregator adds while the enclave validates (undone on a "
-    "refusal) and skips the multiply for weight 1; the release is unmasked in place and "
-    "decoded in one buffered pass; model-sized frames are not copied on encode or send. "
-    "Not done: AES-128 instead of AES-256 for the PRG (~1.4x faster keystream), a "
-    "threaded in-process enclave, batching several arrivals per enclave round trip (it "
-    "would change when an arrival learns whether it was accepted).",
-]
-
-# (ring bits configured, fractional bits, weight bits): the simulator's default, and a
-# coarser codec whose full release fits 2^32, so with_smallest_ring picks the uint32 ring.
-CODECS = ((62, 24, 12), (62, 16, 8))
+TARGET = 1.3
+PIPELINE = 8
+DEFAULT = SecureAggregationConfig()
+# (label, frac bits, weight bits): the product default and a coarser codec whose full
+# release fits 31 bits, so the product picks the uint32 ring for it.
+CODECS = (("default", DEFAULT.frac_bits, DEFAULT.weight_bits), ("coarse", 16, 8))
+MODES = ("inprocess", "subprocess", "subprocess+pipeline")
+# Distinct input arrays the breakdown cycles through: more than the last-level cache holds, as
+# for uploads arriving from the network.
+_ROTATE = 12
 
 
-def run_case(
-    d: int, k: int, steps: int, backend_kind: str, codec_bits: tuple[int, int, int]
-) -> dict[str, float]:
-    """Median ms per server step (K arrivals + the step) of plain and secure FedBuff.
+@dataclass(frozen=True)
+class Case:
+    codec: str
+    frac_bits: int
+    weight_bits: int
+    dim: int
+    k: int
+    mode: str
 
-    Each step's K uploads are made first (client time, measured apart), then the K arrivals
-    are timed back to back for both aggregators: arrivals as fast as the server can take
-    them, so the enclave's deferred work can overlap only with the server's own work.
-    """
-    ring_bits, frac_bits, weight_bits = codec_bits
+
+@dataclass
+class Run:
+    ring: int
+    plain_ms: float
+    plain_cpu_ms: float
+    plain_shared_ms: float
+    secure_ms: float
+    agg_cpu_ms: float
+    enclave_cpu_ms: float | None
+    client_ms: float
+    ratio: float
+    cpu_ratio: float
+
+
+def _enclave_cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def run_case(case: Case, steps: int) -> Run:
+    """One fresh aggregator pair; medians over ``steps`` steps after one warm-up step."""
+    d, k = case.dim, case.k
     rng = np.random.default_rng(0)
     cfg = FedBuffConfig(buffer_size=k)
-    p0 = np.zeros(d, np.float32)
     opt = ServerOptimizerConfig()
     vendor = SimulatedVendor.generate()
+    max_weight = 1 << case.weight_bits  # equal example weights, as the service's tee tasks
     ecfg = with_smallest_ring(
-        EnclaveConfig("bench", d, ring_bits, frac_bits, 1.0, weight_bits, k, 1 << weight_bits)
+        EnclaveConfig(
+            "bench",
+            d,
+            DEFAULT.ring_bits,
+            case.frac_bits,
+            DEFAULT.clip,
+            case.weight_bits,
+            k,
+            max_weight,
+        )
     )
-    backend = (
-        SubprocessBackend(ecfg, vendor)
-        if backend_kind == "subprocess"
-        else InProcessBackend(ecfg, vendor)
+    backend: EnclaveBackend = (
+        InProcessBackend(ecfg, vendor)
+        if case.mode == "inprocess"
+        else SubprocessBackend(ecfg, vendor)
     )
-    codec = FixedPointCodec(1.0, frac_bits, ecfg.ring_bits)
+    pid = backend.pid if isinstance(backend, SubprocessBackend) else None
+    codec = FixedPointCodec(DEFAULT.clip, case.frac_bits, ecfg.ring_bits)
+    p0 = np.zeros(d, np.float32)
     plain = FedBuff(cfg, p0, make_server_optimizer(opt, d))
+    shared = FedBuff(cfg, p0, make_server_optimizer(opt, d))
     secure = SecureFedBuff(
         cfg,
         p0,
         make_server_optimizer(opt, d),
         backend=backend,
         codec=codec,
-        weight_bits=weight_bits,
+        weight_bits=case.weight_bits,
+        pipeline=PIPELINE if case.mode.endswith("pipeline") else 0,
     )
     client = TeeClient(
         vendor_public=vendor.public,
@@ -123,86 +152,228 @@ def run_case(
         task="bench",
         dim=d,
     )
-    delta = (rng.standard_normal(d) * 0.01).astype(np.float32)
-    plain_s, secure_s, client_s = [], [], []
+    base_delta = (rng.standard_normal(d) * 0.01).astype(np.float32)
+    cols: dict[str, list[float]] = {
+        n: [] for n in ("plain", "plain_cpu", "shared", "secure", "agg_cpu", "enc_cpu", "client")
+    }
     cid = 0
-    for _ in range(steps + 1):  # the first step warms up (page faults, caches)
-        base = max(plain.version - 1, 0)  # some staleness, as in FedBuff
-        updates = [Update(cid + i, base, 10, delta) for i in range(k)]
-        masked = []
-        for up in updates:
+    try:
+        for _ in range(steps + 1):  # the first step warms up (page faults, caches)
+            base = max(plain.version - 1, 0)  # some staleness, as in FedBuff
+            deltas = [base_delta * np.float32(1 + 1e-3 * i) for i in range(k)]
+            updates = [Update(cid + i, base, 10, deltas[i]) for i in range(k)]
+            masked = []
+            for i in range(k):
+                t0 = time.perf_counter()
+                masked.append(
+                    client.upload(
+                        secure.report,
+                        client_id=cid + i,
+                        base_version=base,
+                        num_examples=10,
+                        delta=deltas[i],
+                        rng=rng,
+                    )
+                )
+                cols["client"].append(time.perf_counter() - t0)
+            cid += k
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for up in updates:
+                plain.on_update(up)
+            cols["plain"].append(time.perf_counter() - t0)
+            cols["plain_cpu"].append(time.thread_time() - c0)
             t0 = time.perf_counter()
-            masked.append(
-                client.upload(
-                    secure.report,
-                    client_id=up.client_id,
-                    base_version=base,
-                    num_examples=10,
-                    delta=delta,
-                    rng=rng,
+            for i in range(k):
+                shared.on_update(Update(i, base, 10, base_delta))
+            cols["shared"].append(time.perf_counter() - t0)
+            e0 = _enclave_cpu_s(pid)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for m in masked:
+                out = secure.on_masked_update(m)
+            cols["secure"].append(time.perf_counter() - t0)
+            cols["agg_cpu"].append(time.thread_time() - c0)
+            cols["enc_cpu"].append(_enclave_cpu_s(pid) - e0)
+            assert out.accepted and out.step is not None, out
+            del updates, masked, deltas
+    finally:
+        backend.close()
+
+    def med(name: str, skip: int = 1) -> float:
+        return statistics.median(cols[name][skip:]) * 1e3
+
+    ratios = [s / p for s, p in zip(cols["secure"][1:], cols["plain"][1:], strict=True)]
+    cpu = [
+        (a + e) / p
+        for a, e, p in zip(
+            cols["agg_cpu"][1:], cols["enc_cpu"][1:], cols["plain_cpu"][1:], strict=True
+        )
+    ]
+    return Run(
+        ring=ecfg.ring_bits,
+        plain_ms=med("plain"),
+        plain_cpu_ms=med("plain_cpu"),
+        plain_shared_ms=med("shared"),
+        secure_ms=med("secure"),
+        agg_cpu_ms=med("agg_cpu"),
+        enclave_cpu_ms=None if pid is None else med("enc_cpu"),
+        client_ms=med("client", 0),
+        ratio=statistics.median(ratios),
+        cpu_ratio=statistics.median(cpu),
+    )
+
+
+def _time_ms(f: Callable[[], object], n: int) -> float:
+    f()
+    xs = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        xs.append(time.perf_counter() - t0)
+    return statistics.median(xs) * 1e3
+
+
+def _plain_arrival_ms(d: int, n: int) -> float:
+    delta = (np.random.default_rng(1).standard_normal(d) * 0.01).astype(np.float32)
+    opt = make_server_optimizer(ServerOptimizerConfig(), d)
+    plain = FedBuff(FedBuffConfig(buffer_size=10**9), np.zeros(d, np.float32), opt)
+    ups = [Update(i, 0, 10, delta * np.float32(1 + i)) for i in range(_ROTATE)]
+    turn = iter(range(10**9))
+    return _time_ms(lambda: plain.on_update(ups[next(turn) % _ROTATE]), n)
+
+
+def _enclave_mask_ms(ring: Ring, d: int, n: int) -> float:
+    exp, acc, seed = MaskExpander(ring, d), ring.zeros(d), os.urandom(32)
+    return _time_ms(lambda: exp.accumulate(acc, seed, scale=4096 * 3), n)
+
+
+def _aggregator_add_ms(ring: Ring, d: int, n: int) -> float:
+    gen = np.random.default_rng(2)
+    ys = [
+        ring.reduce(gen.integers(0, 2**62, d, dtype=np.uint64).astype(ring.dtype))
+        for _ in range(_ROTATE)
+    ]
+    acc, scratch, w = ring.zeros(d), ring.zeros(1 << 16), ring.dtype.type(4096 * 3)
+    turn = iter(range(10**9))
+
+    def muladd() -> None:  # what SecureFedBuff._multiply_add does
+        y = ys[next(turn) % _ROTATE]
+        for start in range(0, d, 1 << 16):
+            stop = min(start + (1 << 16), d)
+            part = scratch[: stop - start]
+            np.multiply(y[start:stop], w, out=part)
+            np.add(acc[start:stop], part, out=acc[start:stop])
+
+    return _time_ms(muladd, n)
+
+
+def breakdown(n: int) -> list[str]:
+    """Single-threaded cost of each piece of one arrival (medians of ``n`` calls, warm)."""
+    key = KeyPair.generate()
+    ctx = SeedContext("bench", 1, 0, os.urandom(16), key.public)
+    sealed = seal_seed(os.urandom(32), ctx)
+    rows = [
+        (
+            "open a sealed seed (X25519 + HKDF + AES-GCM)",
+            "any",
+            _time_ms(lambda: open_seed(key, sealed, ctx), 50 * n),
+        )
+    ]
+    for d in (100_000, 1_000_000):
+        rows.append(
+            ("plain FedBuff arrival (validate + weighted add)", f"{d:,}", _plain_arrival_ms(d, n))
+        )
+        for bits in (32, 62):
+            ring = Ring(bits)
+            name = f"uint{ring.dtype.itemsize * 8}"
+            rows.append(
+                (
+                    f"enclave: AES-256-CTR mask, weighted add ({name})",
+                    f"{d:,}",
+                    _enclave_mask_ms(ring, d, n),
                 )
             )
-            client_s.append(time.perf_counter() - t0)
-        cid += k
-        t0 = time.perf_counter()
-        for up in updates:
-            plain.on_update(up)
-        plain_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for m in masked:
-            out = secure.on_masked_update(m)
-        secure_s.append(time.perf_counter() - t0)
-        assert out.accepted and out.step is not None, out
-    backend.close()
-    return {
-        "ring": float(ecfg.ring_bits),
-        "plain_ms": statistics.median(plain_s[1:]) * 1e3,
-        "secure_ms": statistics.median(secure_s[1:]) * 1e3,
-        "client_ms": statistics.median(client_s) * 1e3,
-    }
+            rows.append(
+                (
+                    f"aggregator: weighted add of a masked upload ({name})",
+                    f"{d:,}",
+                    _aggregator_add_ms(ring, d, n),
+                )
+            )
+    return [f"| {a} | {b} | {c:.3f} |" for a, b, c in rows]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 2 steps")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/secure_buffer.md"))
+    ap.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--k", type=int, nargs="+", default=[10, 100])
+    ap.add_argument("--codecs", nargs="+", default=[c[0] for c in CODECS])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     args = ap.parse_args()
+    repeats, steps = (1, 2) if args.quick else (args.repeats, args.steps)
     # One BLAS thread: both aggregators take a float64 norm of the pseudo-gradient per step,
     # and OpenBLAS's second thread on 2 busy cores turned that 0.05 ms dot into ~10 ms,
     # drowning the difference this benchmark measures.
     threadpool_limits(1)
-    load_before = os.getloadavg()[0]
+    loads = [os.getloadavg()[0]]
+    cases = [
+        Case(label, f, s, d, k, mode)
+        for label, f, s in CODECS
+        if label in args.codecs
+        for d in args.params
+        for k in args.k
+        for mode in args.modes
+    ]
+    runs: dict[Case, list[Run]] = {c: [] for c in cases}
+    for rep in range(repeats):
+        for c in cases:
+            r = run_case(c, steps)
+            runs[c].append(r)
+            print(f"rep {rep} {c}: {r}", flush=True)
+        loads.append(os.getloadavg()[0])
     rows = []
-    for ring_bits, frac_bits, weight_bits in CODECS:
-        for d in (100_000, 1_000_000):
-            for k in (10, 100):
-                steps = 2 if args.quick or d * k >= 10**8 else 5
-                for kind in ("inprocess", "subprocess"):
-                    r = run_case(d, k, steps, kind, (ring_bits, frac_bits, weight_bits))
-                    ratio = r["secure_ms"] / r["plain_ms"]
-                    rows.append(
-                        f"| {frac_bits}/{weight_bits} | {r['ring']:.0f} | {d:,} | {k} | {kind} | "
-                        f"{r['plain_ms']:.1f} | {r['secure_ms']:.1f} | {ratio:.2f}x | "
-                        f"{r['client_ms']:.2f} |"
-                    )
-                    print(rows[-1], flush=True)
+    for c in cases:
+        rs = runs[c]
+
+        def m(get: Callable[[Run], float | None], rs: list[Run] = rs) -> float:
+            return statistics.median(v for r in rs if (v := get(r)) is not None)
+
+        ratio = m(lambda r: r.ratio)
+        enclave = "—" if rs[0].enclave_cpu_ms is None else f"{m(lambda r: r.enclave_cpu_ms):.1f}"
+        rows.append(
+            f"| {c.codec} {c.frac_bits}/{c.weight_bits} | {rs[0].ring} | {c.dim:,} | {c.k} | "
+            f"{c.mode} | {m(lambda r: r.plain_ms):.1f} | {m(lambda r: r.secure_ms):.1f} | "
+            f"**{ratio:.2f}x** | {'yes' if ratio <= TARGET else 'no'} | "
+            f"{m(lambda r: r.agg_cpu_ms):.1f} | {enclave} | {m(lambda r: r.cpu_ratio):.2f}x | "
+            f"{m(lambda r: r.plain_shared_ms):.1f} | {m(lambda r: r.client_ms):.2f} |"
+        )
     lines = [
-        "Server time per step = K arrivals + the step, including the enclave's work (it runs "
-        "on the server). Each step's K uploads are prepared first and then arrive back to "
-        "back at both aggregators (saturated server; the enclave's work can overlap only with "
-        "the aggregator's). Same deltas, staleness weights and server SGD for both; median "
-        "over steps after one warm-up step. f/S: fractional and weight bits; ring: the ring "
-        "`with_smallest_ring` chose (32: uint32 storage, 62: uint64).",
+        f"{repeats} repeats x {steps} steps per configuration (after one warm-up step), "
+        "configurations interleaved within each repeat; every number is the median over "
+        "repeats of the per-run median over steps. Ratio = secure wall / plain wall per step "
+        f"(the target: <= {TARGET}x), the median of per-step ratios. CPU ratio = (aggregator "
+        "CPU + enclave CPU) / plain CPU: what the secure buffer costs in total, whichever core "
+        "it runs on. f/S: fractional / weight bits; ring: the ring the product picked "
+        "(`with_smallest_ring`: 32 = uint32 storage, 62 = uint64).",
         "",
-        "| f/S | ring | params | K | enclave | plain FedBuff ms/step | secure buffer ms/step | "
-        "ratio | client overhead ms/update |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| codec f/S | ring | params | K | enclave | plain ms/step | secure ms/step | ratio | "
+        "target met | aggregator CPU ms | enclave CPU ms | CPU ratio | plain, one shared "
+        "delta ms/step | client ms/update |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Load average (1 min) of the machine before / after the run: {load_before:.1f} / "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
+        "Load average (1 min) of the machine before the run and after each repeat: "
+        + " / ".join(f"{x:.1f}" for x in loads)
+        + f" on {os.cpu_count()} cores.",
         "",
-        *NOTE,
+        "Cost of each piece of one arrival, single-threaded, warm (median ms):",
+        "",
+        "| piece | params | ms |",
+        "|---|---:|---:|",
+        *breakdown(5 if args.quick else 20),
     ]
     write_markdown(args.out, "Secure buffer (TEE) vs plain FedBuff", lines)
 

@@ -11,5 +11,6 @@ cd "$PROTO_ROOT"
 "$PY" -m grpc_tools.protoc -I . --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \
   asyncfl/v1/*.proto
 # protoc writes absolute imports (`from asyncfl.v1 import ...`); the stubs live inside the
-# asyncfl package, so make them relative to stay importable from any working directory.
-sed -i -E 's/^from asyncfl\.v1 import (\w+) as/from . import \1 as/' "$OUT"/asyncfl/v1/*_pb2_grpc.py
+# asyncfl package, so make them relative to stay importable from any working directory
+# (internal.proto imports service.proto, so its message module and type stub import too).
+sed -i -E 's/^from asyncfl\.v1 import (\w+) as/from . import \1 as/' "$OUT"/asyncfl/v1/*_pb2*.py*

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ def start_server(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError("server did not start listening within 30 s")
 
 
-def start_clients(tmp: Path, port: int, ids: str, report: Path) -> subprocess.Popen[bytes]:
+def start_clients(
+    tmp: Path, port: int, ids: str, report: Path, extra: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -89,6 +92,7 @@ def start_clients(tmp: Path, port: int, ids: str, report: Path) -> subprocess.Po
             "--insecure",
             "--report",
             str(report),
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -142,6 +146,46 @@ def check_ledger_exactly_once(tmp: Path, task: dict[str, Any], per_step: int) ->
         out = agg.on_update(Update(client, base, n, delta))
         assert out.accepted, out
     final = read_checkpoint(ckpt_dir / ckpt_name)
+    assert final.version == version == agg.version
+    np.testing.assert_array_equal(final.params, agg.params)
+    return int(version)
+
+
+def check_secure_ledger_exactly_once(tmp: Path, task: dict[str, Any], participants: int) -> int:
+    """A secagg task's ledger: per version one applied round of ``participants`` whose
+    survivors' rows hold no delta, and replaying the stored sums through
+    ``Aggregator.on_aggregate`` from the initial model reproduces the final checkpoint bit for
+    bit (each round applied exactly once). Needs ``keep_applied_deltas``. Returns the version."""
+    cfg = build_config(ServiceConfig, {"auth": {"secret_file": "x"}, "tasks": [task]}).tasks[0]
+    with ledger(tmp) as db:
+        version, ckpt_name = db.execute(
+            "SELECT version, checkpoint FROM tasks WHERE task_id = ?", (cfg.id,)
+        ).fetchone()
+        rows = db.execute(
+            "SELECT applied_version, status, delta FROM updates WHERE task_id = ?", (cfg.id,)
+        ).fetchall()
+        rounds = db.execute(
+            "SELECT version, participants, survivors, total_weight, aggregate FROM secure_rounds "
+            "WHERE task_id = ? ORDER BY version",
+            (cfg.id,),
+        ).fetchall()
+    assert all(status == "applied" and delta is None for _, status, delta in rows)
+    assert [r[0] for r in rounds] == list(range(1, version + 1))
+    per_version: dict[int, int] = {}
+    for v, _, _ in rows:
+        per_version[v] = per_version.get(v, 0) + 1
+    assert per_version == {r[0]: r[2] for r in rounds}
+    assert all(r[1] == participants for r in rounds)
+    from asyncfl.service.task import initial_params
+
+    params = initial_params(cfg)
+    opt = make_server_optimizer(cfg.server_optimizer, params.shape[0])
+    agg = make_aggregator(cfg.algorithm, params, opt)
+    for v, _, survivors, total, blob in rounds:
+        summed = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        out = agg.on_aggregate(v - 1, summed, total, survivors)
+        assert out.step is not None, out
+    final = read_checkpoint(tmp / "state" / "checkpoints" / ckpt_name)
     assert final.version == version == agg.version
     np.testing.assert_array_equal(final.params, agg.params)
     return int(version)

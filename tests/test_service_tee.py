@@ -263,14 +263,15 @@ def test_config_refuses_unsupported_tee_combinations() -> None:
     bad = {
         **_task("t", tee=True),
         "algorithm": {"name": "fedasync", "concurrency": 2},
-        "privacy": {"enabled": True},
+        # DP with tee is supported (tests/test_service_tee_dp.py), adaptive clipping is not.
+        "privacy": {"enabled": True, "clipping": "adaptive"},
         "population": 10,
         "max_update_norm": 1.0,
     }
     with pytest.raises(ConfigError) as info:
         build_config(TaskConfig, bad)
     text = str(info.value)
-    for field in ("algorithm.name", "privacy.enabled", "max_update_norm"):
+    for field in ("algorithm.name", "privacy.clipping", "max_update_norm"):
         assert field in text
     with pytest.raises(ConfigError, match=r"secure_aggregation\.mode"):
         build_config(

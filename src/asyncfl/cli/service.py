@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -62,16 +62,39 @@ def serve(
         typer.Option("--set", help="Override a config field: key.sub=value (repeatable)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+    role: Annotated[
+        str,
+        typer.Option(
+            help="all (one process), or one role of a split server: coordinator, selector, "
+            "aggregator (addresses in the config's `roles` section)."
+        ),
+    ] = "all",
+    aggregator_id: Annotated[
+        str | None,
+        typer.Option("--id", help="--role aggregator: which of roles.aggregators this is."),
+    ] = None,
 ) -> None:
     """Run the federated learning server (selector, aggregator and coordinator roles)."""
     from asyncfl.cli.main import load_config_data
     from asyncfl.core.configload import build_config
     from asyncfl.service.config import ServiceConfig
-    from asyncfl.service.server import run_server
+    from asyncfl.service.roles import Role, run_role
 
+    roles = ("all", "coordinator", "selector", "aggregator")
+    if role not in roles:
+        raise typer.BadParameter(f"--role {role!r}: one of {', '.join(roles)}")
     cfg = build_config(ServiceConfig, load_config_data(config, set_ or []))
+    if aggregator_id is not None:
+        if role != "aggregator":
+            raise typer.BadParameter("--id names an aggregator: use it with --role aggregator")
+        known = [a.id for a in cfg.roles.aggregators]
+        if aggregator_id not in known:
+            raise typer.BadParameter(f"--id {aggregator_id!r}: roles.aggregators has {known}")
+    elif role == "aggregator" and len(cfg.roles.aggregators) != 1:
+        known = [a.id for a in cfg.roles.aggregators]
+        raise typer.BadParameter(f"several aggregators are configured ({known}): give --id")
     _json_logs(log_level)
-    run_server(cfg)
+    run_role(cfg, cast("Role", role), aggregator_id)  # checked against `roles` above
 
 
 def tee_trust(

@@ -75,13 +75,16 @@ class Ring:
         """``(a - b) mod 2^bits`` as a new array."""
         return self.reduce(np.subtract(a, b, dtype=self.dtype))
 
-    def check(self, x: object, length: int) -> RingVector:
-        """Return ``x`` if it is a 1-D ring vector of ``length`` reduced elements, else raise."""
+    def check(self, x: object, length: int, *, values: bool = True) -> RingVector:
+        """Return ``x`` if it is a 1-D ring vector of ``length`` reduced elements, else raise.
+
+        ``values=False`` checks dtype and shape only (for a caller that checks the range of
+        the elements in a pass it makes anyway)."""
         if not isinstance(x, np.ndarray) or x.dtype != self.dtype or x.ndim != 1:
             got = f"{type(x).__name__} {getattr(x, 'dtype', '?')} ndim={getattr(x, 'ndim', '?')}"
             raise ValueError(f"expected a 1-D {self.dtype} ring vector, got {got}")
         if x.shape[0] != length:
             raise ValueError(f"ring vector has {x.shape[0]} elements, expected {length}")
-        if not self.native and x.size and int(x.max()) > self.mask:
+        if values and not self.native and x.size and int(x.max()) > self.mask:
             raise ValueError(f"ring vector has elements >= 2^{self.bits}; reduce it first")
         return x

@@ -38,6 +38,8 @@ __all__ = [
 
 _MIN_SECRET_BYTES = 32
 _STATUS_METHOD = "/asyncfl.v1.FederatedLearning/Status"
+# The services between roles run as separate processes (internal.proto): internal principal only.
+_INTERNAL_SERVICES = ("/asyncfl.v1.CoordinatorRole/", "/asyncfl.v1.AggregatorRole/")
 
 
 @dataclass(frozen=True)
@@ -153,11 +155,18 @@ def _abort_handler(like: _Handler, reason: str) -> _Handler:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call without a valid token before any handler (or decoder) runs."""
+    """Refuses every call without a valid token before any handler (or decoder) runs.
 
-    def __init__(self, secret: Secret, operator_principal: str) -> None:
+    ``internal_principal`` (roles in separate processes) may call the internal services and
+    nothing else; nobody else may call them.
+    """
+
+    def __init__(
+        self, secret: Secret, operator_principal: str, internal_principal: str | None = None
+    ) -> None:
         self._secret = secret
         self._operator = operator_principal
+        self._internal = internal_principal
 
     async def intercept_service(
         self,
@@ -170,6 +179,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         principal = principal_of(self._secret, handler_call_details.invocation_metadata)
         if principal is None:
             return _abort_handler(handler, "unauthenticated")
+        is_internal = handler_call_details.method.startswith(_INTERNAL_SERVICES)
+        if is_internal or principal == self._internal:
+            if not (is_internal and principal == self._internal):
+                return _abort_handler(handler, "permission_denied")
+            return _tolerant(handler)
         is_status = handler_call_details.method == _STATUS_METHOD
         is_operator = principal == self._operator
         if is_status != is_operator or not (is_operator or principal.isdigit()):

@@ -46,9 +46,17 @@ from asyncfl.secure.tee.client import MaskedUpdate, TeeClient
 from asyncfl.secure.tee.enclave import EnclaveConfig
 from asyncfl.secure.tee.messages import AttestationReport
 from asyncfl.service.auth import bearer_metadata
+from asyncfl.service.config import is_loopback
 from asyncfl.service.errors import REASON_KEY
+from asyncfl.service.lightsecagg_client import (
+    LightSecAggBody,
+    LightSecAggDevice,
+    LightSecAggError,
+    upload_chunks,
+)
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
 from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
+from asyncfl.service.secagg_client import take_part
 from asyncfl.service.tee import TeeTrust
 from asyncfl.sim.seeding import derive_seed
 from asyncfl.training.config import ClientConfig
@@ -210,8 +218,9 @@ def attest_assignment(a: pb.Assignment, trust: TeeTrust | None) -> TeeClient | N
     Checks, before anything is downloaded, trained or sent: (1) the report is signed by the
     vendor key the DEVICE is configured with; (2) its measurement is the one the device
     expects; (3) the enclave config sent along is exactly what that measurement covers, so
-    the ring, fixed point and K the device encodes for are the attested ones. Raises
-    :class:`ClientError` otherwise.
+    the ring, fixed point and K the device encodes for are the attested ones; (4) the DP clip
+    norm it will clip to (``clip_for_task``) is the attested one, to which the enclave's noise
+    is calibrated. Raises :class:`ClientError` otherwise.
     """
     if not a.HasField("enclave_report"):
         return None
@@ -233,6 +242,13 @@ def attest_assignment(a: pb.Assignment, trust: TeeTrust | None) -> TeeClient | N
         raise ClientError(
             f"enclave config for task {ec.task!r} dim {ec.dim}; assignment is for "
             f"{a.task_id!r} dim {a.model_dim}"
+        )
+    if a.clip_norm != ec.dp_clip_norm:
+        # DP: the device clips to the norm the attested noise is calibrated to; a server that
+        # sent a larger one would weaken every user's guarantee, so a mismatch is refused.
+        raise ClientError(
+            f"task {a.task_id!r}: assignment clip_norm {a.clip_norm} is not the attested "
+            f"enclave's {ec.dp_clip_norm}"
         )
     codec = FixedPointCodec(clip=ec.clip, frac_bits=ec.frac_bits, ring_bits=ec.ring_bits)
     return TeeClient(
@@ -260,6 +276,37 @@ class _Session:
         self.rng = random.Random(derive_seed(opts.seed, "client_backoff", opts.client_id))
         self.report = ClientReport(opts.client_id)
         self.failures = 0
+        self._aggregators: dict[str, tuple[grpc.aio.Channel, pb_grpc.FederatedLearningStub]] = {}
+        self.lsa = LightSecAggDevice(opts.client_id)
+
+    def _data_stub(self, address: str) -> pb_grpc.FederatedLearningStub:
+        """The stub for an assignment's ``aggregator_address`` ("": the server checked in at)."""
+        if not address:
+            return self.stub
+        if address not in self._aggregators:
+            if self.o.ca_cert is None and not is_loopback(address.rpartition(":")[0].strip("[]")):
+                # Plaintext is allowed to loopback only; a selector cannot widen that.
+                raise ClientError(f"plaintext to aggregator {address!r} refused: give ca_cert")
+            channel = _channel(self.o, address)
+            stub = pb_grpc.FederatedLearningStub(channel)  # type: ignore[no-untyped-call]
+            self._aggregators[address] = (channel, stub)
+        return self._aggregators[address][1]
+
+    async def _locate(self, task_id: str, current: str) -> str:
+        """Where ``task_id`` is served now (its aggregator may have moved); ``current`` if the
+        selector cannot say."""
+        try:
+            resp: pb.LocateResponse = await self.stub.Locate(
+                pb.LocateRequest(task_id=task_id), metadata=self.md, timeout=self.o.rpc_timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return current
+        return resp.aggregator_address
+
+    async def close(self) -> None:
+        for channel, _ in self._aggregators.values():
+            await channel.close()
+        self._aggregators.clear()
 
     async def backoff(self) -> None:
         self.failures += 1
@@ -271,6 +318,35 @@ class _Session:
             )
         cap = min(self.o.backoff_cap_s, self.o.backoff_base_s * 2 ** min(self.failures, 30))
         await asyncio.sleep(self.rng.uniform(0, cap))
+
+    async def retry(self, err: grpc.aio.AioRpcError) -> str | None:
+        """For a SecAgg round: None after backing off from a transient failure, else the
+        refusal's reason (fatal errors raise ClientError)."""
+        try:
+            self._check(err)
+        except _Transient:
+            await self.backoff()
+            return None
+        return _reason(err)
+
+    def ok(self) -> None:
+        self.failures = 0
+
+    async def secagg_round(self, a: pb.Assignment, version: int, res: TrainResult) -> UploadRecord:
+        """secure_aggregation secagg/secagg+: the update goes into the round's masked sum."""
+        outcome, session = await take_part(
+            self,
+            self._data_stub(a.aggregator_address),
+            a,
+            version,
+            res.delta,
+            res.num_examples,
+            client_id=self.o.client_id,
+            seed=self.o.seed,
+            rpc_timeout_s=self.o.rpc_timeout_s,
+            chunk_bytes=self.o.chunk_bytes,
+        )
+        return UploadRecord(f"secagg-{session}", version, outcome, 1)
 
     def _check(self, err: grpc.aio.AioRpcError) -> None:
         if err.code() in _FATAL:
@@ -295,8 +371,8 @@ class _Session:
                     continue
                 raise ClientError(f"check-in refused: {_reason(err)}") from err
 
-    async def download(self, task_id: str) -> tuple[FloatVector, int]:
-        call = self.stub.DownloadModel(
+    async def download(self, task_id: str, address: str = "") -> tuple[FloatVector, int]:
+        call = self._data_stub(address).DownloadModel(
             pb.DownloadRequest(task_id=task_id), metadata=self.md, timeout=self.o.rpc_timeout_s
         )
         out: FloatVector | None = None
@@ -351,7 +427,10 @@ class _Session:
     async def upload(
         self, a: pb.Assignment, version: int, res: TrainResult, tee: TeeClient | None = None
     ) -> UploadRecord:
-        upload_id = uuid.UUID(int=self.rng.getrandbits(128)).hex
+        # From the OS CSPRNG, not the seeded jitter stream: a restarted client (same seed and
+        # id) would repeat that stream's ids, and its new updates would be answered
+        # "duplicate" (counted as accepted, never applied).
+        upload_id = uuid.uuid4().hex
         header = pb.UploadHeader(
             task_id=a.task_id,
             lease_id=a.lease_id,
@@ -362,6 +441,16 @@ class _Session:
             dtype=pb.DTYPE_FLOAT32,
         )
         body: FloatVector | MaskedUpdate = res.delta
+        lsa = await self.lightsecagg_body(a, version, res)
+        lsa_header = pb.LightSecAggUploadHeader(
+            task_id=a.task_id,
+            lease_id=a.lease_id,
+            upload_id=upload_id,
+            base_version=version,
+            num_examples=res.num_examples,
+            dim=int(res.delta.shape[0]),
+            contribution_seq=0 if lsa is None else lsa.seq,
+        )
         if tee is not None:
             body = self.mask(a, tee, version, res)
             header.dtype = (
@@ -372,12 +461,20 @@ class _Session:
             header.sealed_seed.ephemeral_public = body.sealed.ephemeral_public
             header.sealed_seed.ciphertext = body.sealed.ciphertext
         attempts = 0
+        address = a.aggregator_address
         while True:
             attempts += 1
             try:
-                await self.stub.UploadUpdate(
-                    self._chunks(header, body), metadata=self.md, timeout=self.o.rpc_timeout_s
-                )
+                if lsa is not None:
+                    await self._data_stub(address).LightSecAggUpload(
+                        upload_chunks(lsa_header, lsa, self.o.client_id, self.o.chunk_bytes),
+                        metadata=self.md,
+                        timeout=self.o.rpc_timeout_s,
+                    )
+                else:
+                    await self._data_stub(address).UploadUpdate(
+                        self._chunks(header, body), metadata=self.md, timeout=self.o.rpc_timeout_s
+                    )
                 self.failures = 0
                 return UploadRecord(upload_id, version, "accepted", attempts)
             except grpc.aio.AioRpcError as err:
@@ -390,9 +487,34 @@ class _Session:
                     if _reason(err) == "message_too_large":
                         raise
                     await self.backoff()
+                    if address:  # roles in separate processes: the task may have moved
+                        address = await self._locate(a.task_id, address)
                     continue
                 self.failures = 0
                 return UploadRecord(upload_id, version, _reason(err), attempts)
+
+    async def lightsecagg(self, task_ids: Sequence[str]) -> None:
+        """lightsecagg groups this client belongs to: register, poll, answer."""
+        try:
+            await self.lsa.serve(self.stub, self.md, task_ids, self.o.rpc_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise ClientError(f"lightsecagg refused: {err.code().name}") from err
+        except LightSecAggError as exc:
+            raise ClientError(str(exc)) from exc
+
+    async def lightsecagg_body(
+        self, a: pb.Assignment, version: int, res: TrainResult
+    ) -> LightSecAggBody | None:
+        """lightsecagg task: encode, mask and code the mask's shares (None otherwise)."""
+        if not self.lsa.ready(a.task_id):
+            return None
+        rng = np.random.default_rng(
+            derive_seed(self.o.seed, "lightsecagg_round", self.o.client_id, version)
+        )
+        try:
+            return await self.lsa.contribution(a.task_id, res.delta, version, res.num_examples, rng)
+        except (ProtocolError, ValueError) as exc:
+            raise ClientError(f"cannot mask the update for task {a.task_id!r}: {exc}") from exc
 
     async def run(self) -> ClientReport:
         r = self.report
@@ -402,6 +524,15 @@ class _Session:
             if kind == "done":
                 r.done = True
                 break
+            if resp.lightsecagg_tasks:
+                await self.lightsecagg(resp.lightsecagg_tasks)
+                if (
+                    kind == "assignment"
+                    and not self.lsa.ready(resp.assignment.task_id)
+                    and (resp.assignment.task_id in resp.lightsecagg_tasks)
+                ):
+                    await self.backoff()  # setup failed transiently; the lease will expire
+                    continue
             if kind != "assignment":
                 wait = max(0.0, min(resp.retry_after_s, 60.0))
                 await asyncio.sleep(wait * self.rng.uniform(0.5, 1.5))
@@ -409,7 +540,7 @@ class _Session:
             a = resp.assignment
             tee = attest_assignment(a, self.o.tee)  # refuses before any download or training
             try:
-                params, version = await self.download(a.task_id)
+                params, version = await self.download(a.task_id, a.aggregator_address)
             except grpc.aio.AioRpcError as err:
                 if err.code() in _FATAL:
                     raise ClientError(f"download refused: {err.code().name}") from err
@@ -419,7 +550,10 @@ class _Session:
                 await self.backoff()
                 continue
             res = clip_for_task(await asyncio.to_thread(self.trainer, params, version, a), a)
-            rec = await self.upload(a, version, res, tee)
+            if a.HasField("secagg"):
+                rec = await self.secagg_round(a, version, res)
+            else:
+                rec = await self.upload(a, version, res, tee)
             r.uploads.append(rec)
             if rec.outcome in ("accepted", "duplicate"):
                 r.accepted += 1
@@ -447,7 +581,9 @@ def clip_for_task(res: TrainResult, a: pb.Assignment) -> TrainResult:
     return TrainResult(clipped, res.num_examples)
 
 
-def _channel(opts: ClientOptions) -> grpc.aio.Channel:
+def _channel(opts: ClientOptions, address: str | None = None) -> grpc.aio.Channel:
+    """A channel to ``address`` (default ``opts.address``) with the client's TLS trust."""
+    address = opts.address if address is None else address
     options = [
         ("grpc.max_receive_message_length", opts.max_message_bytes),
         ("grpc.max_send_message_length", opts.max_message_bytes),
@@ -456,15 +592,19 @@ def _channel(opts: ClientOptions) -> grpc.aio.Channel:
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
     if opts.ca_cert is None:
-        return grpc.aio.insecure_channel(opts.address, options=options)
+        return grpc.aio.insecure_channel(address, options=options)
     creds = grpc.ssl_channel_credentials(root_certificates=opts.ca_cert)
-    return grpc.aio.secure_channel(opts.address, creds, options=options)
+    return grpc.aio.secure_channel(address, creds, options=options)
 
 
 async def run_client_async(opts: ClientOptions, trainer: Trainer) -> ClientReport:
     """Run one client until its task is done or ``max_updates`` are accepted."""
     async with _channel(opts) as channel:
-        return await _Session(opts, trainer, channel).run()
+        session = _Session(opts, trainer, channel)
+        try:
+            return await session.run()
+        finally:
+            await session.close()
 
 
 async def run_clients_async(

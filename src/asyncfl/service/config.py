@@ -8,6 +8,7 @@ dataset (input shape, number of classes) a task states itself, since the server 
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,14 +16,18 @@ from asyncfl.algorithms.factory import AlgorithmConfig
 from asyncfl.algorithms.fedavg import FedAvgConfig
 from asyncfl.algorithms.fedbuff import FedBuffConfig
 from asyncfl.core.server_opt import ServerOptimizerConfig
-from asyncfl.errors import ConfigProblem
+from asyncfl.errors import ConfigError, ConfigProblem
 from asyncfl.models.config import ModelConfig
+from asyncfl.secure.lightsecagg.codec import FieldCodec
+from asyncfl.sim.config import distributed_noise_problems
 from asyncfl.sim.dp import DPSection
 from asyncfl.sim.secure_rounds import SecureAggregationConfig
 from asyncfl.training.config import ClientConfig
 
 __all__ = [
+    "AggregatorSection",
     "AuthSection",
+    "RolesSection",
     "SelectorSection",
     "ServerSection",
     "ServiceConfig",
@@ -168,13 +173,26 @@ class TaskConfig:
     max_update_norm: float | None = None
     """Refuse updates whose L2 norm exceeds this (null: no bound)."""
     privacy: DPSection = field(default_factory=DPSection)
-    """User-level differential privacy, exactly as in simulation (fixed clipping only)."""
+    """User-level differential privacy, exactly as in simulation (fixed clipping only); with
+    ``secure_aggregation.mode`` tee the enclave adds the noise to every release."""
     population: int | None = None
     """Devices eligible for this task: the DP accountant's N (sampling rate, default delta).
-    Required with ``privacy.enabled``; the simulator reads it from its dataset."""
+    Required with ``privacy.enabled``; the simulator reads it from its dataset. With
+    ``secure_aggregation.mode`` lightsecagg it is the group size N (client ids 0..N-1)."""
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
-    """The simulator's section: ``none`` or ``tee`` (FedBuff over the TEE secure buffer; the
-    ledger then holds masked contributions only). See docs/service.md."""
+    """The simulator's section: ``none``, ``tee`` (FedBuff over the TEE secure buffer; the
+    ledger then holds masked contributions only), ``secagg`` / ``secagg+`` (FedAvg rounds
+    through the SecAgg protocol; the server only learns each round's sum) or ``lightsecagg``
+    (FedBuff over coded masks, no TEE; the group is client ids ``0..population-1``). See
+    docs/service.md."""
+    secagg_stage_timeout_s: float = 30.0
+    """secagg / secagg+: each protocol stage closes this many seconds after it opened (or
+    as soon as every client it expects has answered); clients silent by then are the
+    protocol's dropouts."""
+    lightsecagg_answer_timeout_s: float = 30.0
+    """lightsecagg: a closed buffer is discarded if fewer than U of the group's clients have
+    sent their aggregated share this many seconds after it was published (clients answer
+    when they next check in). See docs/service.md."""
     tee_vendor_key_file: str | None = None
     """tee: the simulated hardware vendor's signing key (64 hex digits); null: created in
     ``storage.dir`` as ``<task>.tee-vendor.key`` on first start. Devices are configured with
@@ -186,13 +204,16 @@ class TaskConfig:
             return []
         # (sa.validate() runs on its own when the config is loaded: not repeated here.)
         out: list[ConfigProblem] = []
+        if sa.mode in ("secagg", "secagg+"):
+            return _secagg_problems(self)
+        if sa.mode == "lightsecagg":
+            return _lightsecagg_problems(self)
         if sa.mode != "tee":
             out.append(
                 ConfigProblem(
                     "secure_aggregation.mode",
                     sa.mode,
-                    "none or tee in the service (secagg, secagg+ and lightsecagg need "
-                    "client-to-client rounds the service does not carry yet)",
+                    "none, tee, secagg, secagg+ or lightsecagg in the service",
                 )
             )
             return out
@@ -209,15 +230,8 @@ class TaskConfig:
                     "the ring for linear weights)",
                 )
             )
-        if self.privacy.enabled:
-            out.append(
-                ConfigProblem(
-                    "privacy.enabled",
-                    True,
-                    "false with mode tee: noise inside the enclave is not wired into the "
-                    "service yet",
-                )
-            )
+        # privacy.enabled is fine: the enclave adds the noise (fixed clipping and equal
+        # weighting are checked with the other DP settings in validate()).
         if self.max_update_norm is not None:
             out.append(
                 ConfigProblem(
@@ -283,6 +297,188 @@ class TaskConfig:
         return self.algorithm.name
 
 
+def _secagg_problems(t: TaskConfig) -> list[ConfigProblem]:
+    """secagg / secagg+ in the service: FedAvg rounds, as in simulation (SimConfig.validate)."""
+    sa, alg, out = t.secure_aggregation, t.algorithm, []
+    if not isinstance(alg, FedAvgConfig):
+        out.append(
+            ConfigProblem(
+                "algorithm.name",
+                alg.name,
+                f"fedavg with secure_aggregation.mode {sa.mode} (SecAgg needs rounds)",
+            )
+        )
+    elif alg.example_weighting not in ("equal", "linear"):
+        out.append(
+            ConfigProblem(
+                "algorithm.example_weighting",
+                alg.example_weighting,
+                "equal or linear with secure aggregation (integer weights in the ring)",
+            )
+        )
+    if t.max_update_norm is not None:
+        out.append(
+            ConfigProblem(
+                "max_update_norm",
+                t.max_update_norm,
+                f"null with mode {sa.mode} (a masked update has no visible norm; the "
+                "fixed-point codec clips each coordinate to secure_aggregation.clip)",
+            )
+        )
+    if not t.secagg_stage_timeout_s > 0:
+        out.append(ConfigProblem("secagg_stage_timeout_s", t.secagg_stage_timeout_s, "> 0"))
+    if isinstance(alg, FedAvgConfig) and not sa.validate():
+        # The round's weighted sum must not wrap: at least one unit of weight per selected
+        # client (linear weighting: each client's weight is capped at the ring's share).
+        limit = (1 << (sa.ring_bits - 1)) - 1
+        quantum = math.ceil(sa.clip * 2.0**sa.frac_bits)
+        if limit // quantum < alg.selection_size:
+            out.append(
+                ConfigProblem(
+                    "secure_aggregation.ring_bits",
+                    sa.ring_bits,
+                    f"enough bits for {alg.selection_size} inputs (clip * 2^frac_bits * "
+                    "selected clients < 2^(ring_bits - 1)); raise ring_bits or lower "
+                    "frac_bits or clip",
+                )
+            )
+    if t.privacy.enabled and isinstance(alg, FedAvgConfig):
+        out += distributed_noise_problems(t.privacy, sa, alg)
+    return out
+
+
+def _lightsecagg_problems(t: TaskConfig) -> list[ConfigProblem]:
+    """lightsecagg in the service: FedBuff over one group of ``population`` clients."""
+    sa, alg, out = t.secure_aggregation, t.algorithm, []
+    if not isinstance(alg, FedBuffConfig):
+        out.append(
+            ConfigProblem(
+                "algorithm.name",
+                alg.name,
+                "fedbuff with mode lightsecagg (fedasync would unmask every update alone)",
+            )
+        )
+    else:
+        if alg.buffer_size < 2:
+            out.append(
+                ConfigProblem(
+                    "algorithm.buffer_size",
+                    alg.buffer_size,
+                    ">= 2 with mode lightsecagg (a buffer of one reveals that update)",
+                )
+            )
+        if alg.example_weighting != "equal":
+            out.append(
+                ConfigProblem(
+                    "algorithm.example_weighting",
+                    alg.example_weighting,
+                    "equal with mode lightsecagg (the service knows no largest example count "
+                    "to bound the field's headroom for linear weights)",
+                )
+            )
+        try:
+            budget = FieldCodec(clip=sa.clip, frac_bits=sa.frac_bits).max_total_weight()
+        except ConfigError:
+            budget = 0
+        if alg.buffer_size << sa.weight_bits > budget:
+            out.append(
+                ConfigProblem(
+                    "secure_aggregation.frac_bits",
+                    sa.frac_bits,
+                    f"K={alg.buffer_size} contributions of weight 2^weight_bits="
+                    f"{1 << sa.weight_bits} within the field's budget {budget} (p = 2^32 - 5, "
+                    "clip * 2^frac_bits * K * 2^weight_bits <= 2^31); e.g. frac_bits 16, "
+                    "weight_bits 6",
+                )
+            )
+        if t.population is None or t.population < max(2, alg.buffer_size):
+            out.append(
+                ConfigProblem(
+                    "population",
+                    t.population,
+                    f"the group size N: client ids 0..N-1, N >= max(2, buffer_size="
+                    f"{alg.buffer_size})",
+                )
+            )
+    if t.privacy.enabled:
+        out.append(
+            ConfigProblem(
+                "privacy.enabled", True, "false with mode lightsecagg (DP is not implemented)"
+            )
+        )
+    if t.max_update_norm is not None:
+        out.append(
+            ConfigProblem(
+                "max_update_norm",
+                t.max_update_norm,
+                "null with mode lightsecagg (a masked update has no visible norm; the "
+                "fixed-point codec clips each coordinate to secure_aggregation.clip)",
+            )
+        )
+    if not t.lightsecagg_answer_timeout_s > 0:
+        out.append(
+            ConfigProblem("lightsecagg_answer_timeout_s", t.lightsecagg_answer_timeout_s, "> 0")
+        )
+    return out
+
+
+def _address_problems(name: str, address: str, insecure: bool) -> list[ConfigProblem]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return [ConfigProblem(name, address, "host:port with a port in [0, 65535]")]
+    if insecure and not is_loopback(host.strip("[]")):
+        return [ConfigProblem(name, address, "a loopback host while server.insecure is true")]
+    return []
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    id: str = "agg-0"
+    """Name of this aggregator process (``asyncfl serve --role aggregator --id ID``)."""
+    listen: str = "127.0.0.1:50053"
+    """host:port it listens on for clients (download, upload) and selectors (leases), with
+    the ``server`` section's TLS; port 0 picks a free one."""
+    advertise: str | None = None
+    """host:port clients and selectors dial (null: ``listen``, with the port it bound)."""
+    tasks: tuple[str, ...] = ()
+    """Task ids the coordinator may give it (empty: any)."""
+
+
+@dataclass(frozen=True)
+class RolesSection:
+    """Roles in separate processes (``asyncfl serve --role``); unused by ``--role all``."""
+
+    coordinator: str = "127.0.0.1:50052"
+    """host:port the coordinator listens on and the other roles dial. The selector listens on
+    ``server.host``:``server.port`` (the address devices are given)."""
+    aggregators: tuple[AggregatorSection, ...] = (AggregatorSection(),)
+    """The aggregator processes the coordinator may give tasks to."""
+    heartbeat_s: float = 1.0
+    """How often aggregators report to the coordinator and selectors refresh their routes."""
+    owner_ttl_s: float = 10.0
+    """An aggregator silent this long loses its tasks to another live aggregator (or to a
+    restart of itself); it stops serving them on its own after half of it."""
+    internal_principal: str = "asyncfl-internal"
+    """Token principal the roles use with each other (HMAC token from ``auth.secret_file``)."""
+    ca_cert: str | None = None
+    """PEM root the roles trust when they dial each other over TLS (null: ``server.tls_cert``)."""
+
+    def validate(self) -> list[ConfigProblem]:
+        out: list[ConfigProblem] = []
+        if not self.heartbeat_s > 0:
+            out.append(ConfigProblem("heartbeat_s", self.heartbeat_s, "a number > 0"))
+        elif not self.owner_ttl_s >= 4 * self.heartbeat_s:
+            need = f">= 4 x heartbeat_s ({self.heartbeat_s})"
+            out.append(ConfigProblem("owner_ttl_s", self.owner_ttl_s, need))
+        p = self.internal_principal
+        if not p or p.isdigit() or "." in p:
+            out.append(ConfigProblem("internal_principal", p, "a non-numeric name without '.'"))
+        ids = [a.id for a in self.aggregators]
+        if not ids or len(set(ids)) != len(ids):
+            out.append(ConfigProblem("aggregators", ids, "at least one, with distinct ids"))
+        return out
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     server: ServerSection = field(default_factory=ServerSection)
@@ -295,6 +491,8 @@ class ServiceConfig:
     """Check-in policy."""
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
     """The tasks this server runs (one aggregator each)."""
+    roles: RolesSection = field(default_factory=RolesSection)
+    """Addresses and timing of the roles when they run as separate processes."""
 
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
@@ -303,4 +501,26 @@ class ServiceConfig:
             out.append(ConfigProblem("tasks", [], "at least one task"))
         if len(set(ids)) != len(ids):
             out.append(ConfigProblem("tasks", ids, "distinct task ids"))
+        out += self._validate_roles()
+        return out
+
+    def _validate_roles(self) -> list[ConfigProblem]:
+        r, insecure = self.roles, self.server.insecure
+        out = _address_problems("roles.coordinator", r.coordinator, insecure)
+        if r.internal_principal == self.auth.operator_principal:
+            out.append(
+                ConfigProblem("roles.internal_principal", r.internal_principal, "not the operator")
+            )
+        known = {t.id for t in self.tasks}
+        for i, a in enumerate(r.aggregators):
+            at = f"roles.aggregators[{i}]"
+            if not a.id or not all(c.isalnum() or c in "-_" for c in a.id):
+                out.append(ConfigProblem(f"{at}.id", a.id, "letters, digits, '-' and '_'"))
+            out += _address_problems(f"{at}.listen", a.listen, insecure)
+            if a.advertise is not None:
+                out += _address_problems(f"{at}.advertise", a.advertise, insecure)
+            if set(a.tasks) - known:
+                out.append(
+                    ConfigProblem(f"{at}.tasks", list(a.tasks), f"ids among {sorted(known)}")
+                )
         return out

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,9 @@ from asyncfl.secure.tee.messages import AttestationReport, SealedSeed
 from asyncfl.service.auth import Lease, Secret
 from asyncfl.service.config import ServiceConfig, TaskConfig
 from asyncfl.service.errors import ServiceError
+from asyncfl.service.lightsecagg_task import LightSecAggUpload
+from asyncfl.service.secagg_round import SecAggParams
+from asyncfl.service.secagg_task import SecAggTask
 from asyncfl.service.selector import RateLimiter, Slots
 from asyncfl.service.store import Store
 from asyncfl.service.task import Accepted, Submission, TaskRuntime
@@ -55,6 +58,8 @@ class AssignmentInfo:
     """``secure_aggregation: tee``: the current enclave boot's attestation report."""
     enclave_config: bytes = b""
     """tee: the enclave's measured config (``EnclaveConfig.encode()``)."""
+    secagg: SecAggParams | None = None
+    """secagg / secagg+: the task's public round parameters (the client joins a round)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class UploadHeaderInfo:
     float32: bool
     tee: TeeHeader | None = None
     """Present when the data are masked ring elements (``secure_aggregation: tee``)."""
+    lightsecagg: bool = False
+    """A LightSecAggUpload (masked field vector + mask shares; ``lightsecagg`` tasks)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,8 @@ class TaskStats:
     dp_delta: float = 0.0
     epsilon_budget: float | None = None
     budget_spent: bool = False
+    discarded_updates: int = 0
+    """Of ``accepted_updates``, those never to be applied (discarded buffers)."""
 
 
 @dataclass
@@ -112,6 +121,10 @@ class _Task:
     client_json: str = ""
     queue: list[_Queued] = field(default_factory=list)
     """Uploads waiting for the next group commit."""
+    closed: bool = False
+    """No longer served here (its aggregator process lost it): nothing may write it."""
+    secagg: SecAggTask | None = None
+    """``secure_aggregation`` secagg/secagg+: the task's SecAgg rounds (no uploads)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,7 +141,10 @@ class Coordinator:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        task_ids: Collection[str] | None = None,
     ) -> None:
+        """Recover the tasks ``task_ids`` (None: every task of ``cfg``). An aggregator process
+        starts with none and opens those the coordinator gives it (:meth:`build_task`)."""
         self.cfg = cfg
         self.secret = secret
         self._clock = clock
@@ -141,30 +157,65 @@ class Coordinator:
         )
         self.limiter = RateLimiter(cfg.selector, clock)
         self.tasks: dict[str, _Task] = {}
+        self._configs = {t.id: t for t in cfg.tasks}
         self._drains: set[asyncio.Task[None]] = set()
         for t in cfg.tasks:
-            vendor = None
-            if t.secure_aggregation.mode == "tee":
-                vendor = load_vendor(vendor_key_path(t, root))
-            rt = TaskRuntime(
-                t, self.store, root / "checkpoints", cfg.storage.keep_checkpoints, vendor=vendor
+            if task_ids is None or t.id in task_ids:
+                self.tasks[t.id] = self.build_task(t.id)
+
+    def build_task(self, task_id: str) -> _Task:
+        """Recover one configured task from storage (not yet served: see :meth:`add_task`)."""
+        t = self._configs[task_id]
+        root = Path(self.cfg.storage.dir)
+        vendor = None
+        if t.secure_aggregation.mode == "tee":
+            vendor = load_vendor(vendor_key_path(t, root))
+        rt = TaskRuntime(
+            t, self.store, root / "checkpoints", self.cfg.storage.keep_checkpoints, vendor=vendor
+        )
+        model = {
+            **to_plain(t.model),
+            "input_shape": list(t.input_shape),
+            "num_classes": t.num_classes,
+        }
+        task = _Task(
+            t,
+            rt,
+            Slots(t.concurrency, rt.sync),
+            model_json=json.dumps(model),
+            client_json=json.dumps(to_plain(t.client)),
+        )
+        if t.secure_aggregation.mode in ("secagg", "secagg+"):
+            task.secagg = SecAggTask(
+                t, rt, task.slots, task.lock, self.secret, clock=self._clock, wall_clock=self._wall
             )
-            model = {
-                **to_plain(t.model),
-                "input_shape": list(t.input_shape),
-                "num_classes": t.num_classes,
-            }
-            self.tasks[t.id] = _Task(
-                t,
-                rt,
-                Slots(t.concurrency, rt.sync),
-                model_json=json.dumps(model),
-                client_json=json.dumps(to_plain(t.client)),
-            )
+        return task
+
+    def add_task(self, task: _Task) -> None:
+        self.tasks[task.cfg.id] = task
+
+    async def close_task(self, task_id: str) -> None:
+        """Stop serving ``task_id`` here (its aggregator process lost it): a commit in flight
+        finishes first, uploads still queued get ``task_moved``; the storage stays."""
+        t = self.tasks.pop(task_id, None)
+        if t is None:
+            return
+        async with t.lock:
+            t.closed = True
+            if t.secagg is not None:
+                t.secagg.close()
+            for q in t.queue:
+                if not q.result.done():
+                    q.result.set_result(ServiceError("task_moved", task_id))
+            t.queue = []
+        await asyncio.to_thread(t.runtime.close)
 
     async def flush(self) -> None:
         """Wait for the group commits in flight (before closing the store)."""
         await asyncio.gather(*list(self._drains), return_exceptions=True)
+        for t in list(self.tasks.values()):
+            if t.secagg is not None:
+                await t.secagg.flush()
 
     def close(self) -> None:
         for t in self.tasks.values():
@@ -174,6 +225,8 @@ class Coordinator:
     def task(self, task_id: str) -> _Task:
         t = self.tasks.get(task_id)
         if t is None:
+            if task_id in self._configs:  # configured, but another aggregator process has it
+                raise ServiceError("task_moved", task_id)
             raise ServiceError("unknown_task", repr(task_id)[:80])
         return t
 
@@ -188,28 +241,45 @@ class Coordinator:
         ``task_finished`` refusal when every matching task has finished."""
         self.limiter.check(client_id, num_examples)
         candidates = [self.task(task_id)] if task_id else list(self.tasks.values())
-        if all(t.runtime.finished for t in candidates):
+        # (No candidates: an aggregator process that holds no task yet.)
+        if candidates and all(t.runtime.finished for t in candidates):
             raise ServiceError("task_finished", "every task has finished")
         now = self._clock()
         for t in candidates:
-            rt = t.runtime
-            if rt.finished:
-                continue
-            lease = self.secret.sign_lease(t.cfg.id, client_id, rt.version, self._wall())
-            if t.slots.try_take(lease, rt.version, now, t.cfg.lease_timeout_s):
-                return AssignmentInfo(
-                    t.cfg.id,
-                    lease,
-                    rt.version,
-                    rt.dim,
-                    t.cfg.lease_timeout_s,
-                    t.client_json,
-                    t.model_json,
-                    clip_norm=0.0 if rt.dp is None else rt.dp.clip_norm,
-                    enclave_report=None if rt.tee is None else rt.tee.agg.report,
-                    enclave_config=b"" if rt.tee is None else rt.tee.enclave.encode(),
-                )
+            if not t.runtime.finished:
+                a = self._lease(t, client_id, now)
+                if a is not None:
+                    return a
         return None
+
+    def grant(self, task_id: str, client_id: int) -> AssignmentInfo | None:
+        """A lease on ``task_id`` if a slot is free: the aggregator role, asked by a selector
+        that has applied eligibility and rate limits. Raises ``task_finished``, ``task_moved``."""
+        t = self.task(task_id)
+        if t.runtime.finished:
+            raise ServiceError("task_finished", task_id)
+        return self._lease(t, client_id, self._clock())
+
+    def _lease(self, t: _Task, client_id: int, now: float) -> AssignmentInfo | None:
+        rt = t.runtime
+        if rt.lsa is not None and not rt.lsa.can_assign(client_id):
+            return None  # lightsecagg: members only, once every member registered its key
+        lease = self.secret.sign_lease(t.cfg.id, client_id, rt.version, self._wall())
+        if not t.slots.try_take(lease, rt.version, now, t.cfg.lease_timeout_s):
+            return None
+        return AssignmentInfo(
+            t.cfg.id,
+            lease,
+            rt.version,
+            rt.dim,
+            t.cfg.lease_timeout_s,
+            t.client_json,
+            t.model_json,
+            clip_norm=0.0 if rt.dp is None else rt.dp.clip_norm,
+            enclave_report=None if rt.tee is None else rt.tee.agg.report,
+            enclave_config=b"" if rt.tee is None else rt.tee.enclave.encode(),
+            secagg=None if t.secagg is None else t.secagg.params,
+        )
 
     # -- aggregator -------------------------------------------------------------------------
     def check_upload(self, client_id: int, h: UploadHeaderInfo) -> tuple[_Task, Lease]:
@@ -222,12 +292,19 @@ class Coordinator:
             if not h.upload_id or len(h.upload_id) > 128:
                 raise ServiceError("malformed_message", "upload_id must have 1..128 characters")
             if self.store.find_upload(h.task_id, client_id, h.upload_id) is not None:
+                # This lease ends here (its client checks in again): keeping its slot would
+                # hold it until the lease expires.
+                t.slots.release(h.lease_id)
                 raise ServiceError("duplicate_upload", f"client {client_id} {h.upload_id!r}")
             if self._wall() - lease.issued_at > t.cfg.lease_timeout_s + _LEASE_GRACE_S:
                 t.slots.release(h.lease_id)
                 raise ServiceError("lease_expired", f"client {client_id}")
             if h.base_version < lease.version:
                 raise ServiceError("bad_version", f"base {h.base_version} < lease {lease.version}")
+            if t.secagg is not None:
+                raise ServiceError("bad_encoding", "secagg task: updates go through SecAgg")
+            if (t.runtime.lsa is not None) != h.lightsecagg:
+                raise ServiceError("bad_encoding", "lightsecagg tasks take LightSecAggUpload only")
             tee = t.runtime.tee
             if tee is not None:
                 if h.tee is None:
@@ -236,7 +313,7 @@ class Coordinator:
                     raise ServiceError("bad_dtype", f"ring of {h.tee.ring_bytes} bytes")
             elif h.tee is not None:
                 raise ServiceError("bad_encoding", "masked upload to a task without tee")
-            elif not h.float32:
+            elif not h.float32 and not h.lightsecagg:
                 raise ServiceError("bad_dtype", "dtype is not float32")
             if h.dim != t.runtime.dim:
                 raise ServiceError("bad_shape", f"dim {h.dim} != model {t.runtime.dim}")
@@ -250,10 +327,13 @@ class Coordinator:
         h: UploadHeaderInfo,
         delta: FloatVector,
         masked: MaskedUpdate | None = None,
+        lightsecagg: LightSecAggUpload | None = None,
     ) -> Accepted:
         t = self.task(h.task_id)
         mine = _Queued(
-            Submission(client_id, h.upload_id, h.base_version, h.num_examples, delta, masked),
+            Submission(
+                client_id, h.upload_id, h.base_version, h.num_examples, delta, masked, lightsecagg
+            ),
             asyncio.get_running_loop().create_future(),
         )
         t.queue.append(mine)
@@ -289,7 +369,7 @@ class Coordinator:
 
     async def _drain(self, t: _Task) -> None:
         async with t.lock:
-            if not t.queue:
+            if not t.queue or t.closed:
                 return
             batch, t.queue = t.queue, []
             try:
@@ -310,8 +390,18 @@ class Coordinator:
     async def tick(self) -> None:
         """Expire leases; close FedAvg rounds whose deadline passed or whose clients are gone."""
         now = self._clock()
-        for t in self.tasks.values():
+        for t in list(self.tasks.values()):  # an aggregator process may open/close tasks meanwhile
             t.slots.expire(now)
+            if t.secagg is not None:
+                await t.secagg.tick(now)
+                continue
+            lsa = t.runtime.lsa
+            if lsa is not None:  # unmask or discard the closed buffers whose time has come
+                if lsa.due(now):
+                    async with t.lock:
+                        if not t.closed:
+                            await asyncio.to_thread(t.runtime.settle_lightsecagg, now)
+                continue
             rt = t.runtime
             if not rt.sync or rt.finished or t.slots.round_version != rt.version:
                 continue
@@ -320,6 +410,8 @@ class Coordinator:
             if late or t.slots.round_exhausted(rt.version):
                 version = rt.version
                 async with t.lock:
+                    if t.closed:
+                        continue
                     out = await asyncio.to_thread(rt.deadline, version)
                 # The next check-in opens the next round (the version moved, or the slots are
                 # reset because the round failed).
@@ -356,6 +448,7 @@ class Coordinator:
                     dp_delta=0.0 if dp is None else dp.cfg.delta,
                     epsilon_budget=None if dp is None else dp.cfg.epsilon_budget,
                     budget_spent=t.runtime.budget_spent,
+                    discarded_updates=t.runtime.discarded_total,
                 )
             )
         return out

@@ -63,6 +63,15 @@ CATALOG: dict[str, CatalogEntry] = {
     "unmask_failed": CatalogEntry(
         grpc.StatusCode.ABORTED, "too few survivors to unmask the buffer; retry", retry=True
     ),
+    # -- LightSecAgg in the service (asyncfl.service.lightsecagg_task) ---------------------
+    "not_in_group": CatalogEntry(_PRECOND, "this client is not a member of the task's group"),
+    "bad_key": CatalogEntry(_INVALID, "public key must be a valid 32-byte X25519 key"),
+    "key_conflict": CatalogEntry(
+        _PRECOND, "a different key is already registered for this client in this task"
+    ),
+    "unknown_buffer": CatalogEntry(
+        _PRECOND, "no buffer awaits this share (already unmasked or discarded)"
+    ),
     # -- found by the service ------------------------------------------------------------
     "unauthenticated": CatalogEntry(
         grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
@@ -91,6 +100,15 @@ CATALOG: dict[str, CatalogEntry] = {
     "ineligible": CatalogEntry(_PRECOND, "this device is not eligible for any task"),
     "privacy_budget_spent": CatalogEntry(
         _PRECOND, "the task's privacy budget is spent; the task has finished"
+    ),
+    # -- roles in separate processes (asyncfl.service.roles) ------------------------------
+    "aggregator_unavailable": CatalogEntry(
+        grpc.StatusCode.UNAVAILABLE, "the task's aggregator is unavailable; retry later", retry=True
+    ),
+    "task_moved": CatalogEntry(
+        grpc.StatusCode.UNAVAILABLE,
+        "this server does not serve the task now; ask the selector where it is",
+        retry=True,
     ),
     "internal": CatalogEntry(grpc.StatusCode.INTERNAL, "internal error; retry later", retry=True),
 }

@@ -24,14 +24,23 @@ import numpy as np
 
 from asyncfl.secure.tee.client import MaskedUpdate
 from asyncfl.secure.tee.messages import SealedSeed
+from asyncfl.service import lightsecagg_wire, secagg_wire
 from asyncfl.service.auth import AuthInterceptor, Secret, principal_of
-from asyncfl.service.config import ServiceConfig
-from asyncfl.service.coordinator import Coordinator, TeeHeader, UploadHeaderInfo
+from asyncfl.service.config import ServerSection, ServiceConfig
+from asyncfl.service.coordinator import AssignmentInfo, Coordinator, TeeHeader, UploadHeaderInfo
 from asyncfl.service.errors import REASON_KEY, ServiceError
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
 from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
 
-__all__ = ["ServiceHandle", "grpc_options", "run_server", "start_server"]
+__all__ = [
+    "ServiceHandle",
+    "Servicer",
+    "assignment_message",
+    "bind",
+    "grpc_options",
+    "run_server",
+    "start_server",
+]
 
 log = logging.getLogger("asyncfl.service.server")
 
@@ -78,31 +87,20 @@ class Servicer(pb_grpc.FederatedLearningServicer):
         except Exception:
             log.exception("check-in failed")
             await _fail(context, ServiceError("internal"))
+        groups = lightsecagg_wire.member_tasks(self.coord, client)
         if a is None:
-            return pb.CheckInResponse(retry_after_s=self.coord.cfg.selector.retry_after_s)
-        report = None
-        if a.enclave_report is not None:
-            r = a.enclave_report
-            report = pb.EnclaveReport(
-                measurement=r.measurement,
-                public_key=r.public_key,
-                epoch=r.epoch,
-                signature=r.signature,
+            return pb.CheckInResponse(
+                retry_after_s=self.coord.cfg.selector.retry_after_s, lightsecagg_tasks=groups
             )
-        return pb.CheckInResponse(
-            assignment=pb.Assignment(
-                task_id=a.task_id,
-                lease_id=a.lease_id,
-                model_version=a.version,
-                model_dim=a.dim,
-                lease_timeout_s=a.lease_timeout_s,
-                client_config_json=a.client_config_json,
-                model_config_json=a.model_config_json,
-                clip_norm=a.clip_norm,
-                enclave_report=report,
-                enclave_config=a.enclave_config,
-            )
-        )
+        return pb.CheckInResponse(assignment=assignment_message(a), lightsecagg_tasks=groups)
+
+    async def Locate(self, request: pb.LocateRequest, context: Context) -> pb.LocateResponse:
+        try:
+            self._client_id(context)
+            self.coord.task(request.task_id)
+        except ServiceError as err:
+            await _fail(context, err)
+        return pb.LocateResponse(aggregator_address="")  # served right here
 
     async def DownloadModel(
         self, request: pb.DownloadRequest, context: Context
@@ -192,6 +190,78 @@ class Servicer(pb_grpc.FederatedLearningServicer):
             stepped=res.stepped,
         )
 
+    async def SecAgg(self, request: pb.SecAggRequest, context: Context) -> pb.SecAggResponse:
+        try:
+            return await secagg_wire.handle_step(self.coord, self._client_id(context), request)
+        except ServiceError as err:
+            await _fail(context, err)
+        except Exception:
+            log.exception("secagg step failed")
+            await _fail(context, ServiceError("internal"))
+
+    async def SecAggMaskedInput(
+        self, request_iterator: AsyncIterator[pb.SecAggInputChunk], context: Context
+    ) -> pb.SecAggResponse:
+        try:
+            client = self._client_id(context)
+            return await secagg_wire.handle_masked_input(self.coord, client, request_iterator)
+        except ServiceError as err:
+            await _fail(context, err)
+        except Exception:
+            log.exception("secagg masked input failed")
+            await _fail(context, ServiceError("internal"))
+
+    async def LightSecAggRegister(
+        self, request: pb.LightSecAggRegisterRequest, context: Context
+    ) -> pb.LightSecAggGroup:
+        try:
+            client = self._client_id(context)
+            return await lightsecagg_wire.handle_register(self.coord, client, request)
+        except ServiceError as err:
+            await _fail(context, err)
+        except Exception:
+            log.exception("lightsecagg registration failed")
+            await _fail(context, ServiceError("internal"))
+
+    async def LightSecAggPoll(
+        self, request: pb.LightSecAggPollRequest, context: Context
+    ) -> AsyncIterator[pb.LightSecAggMailboxItem]:
+        try:
+            client = self._client_id(context)
+            items = await lightsecagg_wire.handle_poll(self.coord, client, request)
+        except ServiceError as err:
+            await _fail(context, err)
+        except Exception:
+            log.exception("lightsecagg poll failed")
+            await _fail(context, ServiceError("internal"))
+        for item in items:
+            yield item
+
+    async def LightSecAggAnswer(
+        self, request: pb.LightSecAggAnswerRequest, context: Context
+    ) -> pb.LightSecAggAnswerResponse:
+        try:
+            client = self._client_id(context)
+            return await lightsecagg_wire.handle_answer(self.coord, client, request)
+        except ServiceError as err:
+            await _fail(context, err)
+        except Exception:
+            log.exception("lightsecagg answer failed")
+            await _fail(context, ServiceError("internal"))
+
+    async def LightSecAggUpload(
+        self, request_iterator: AsyncIterator[pb.LightSecAggUploadChunk], context: Context
+    ) -> pb.UploadResponse:
+        try:
+            client = self._client_id(context)
+            first = await anext(aiter(request_iterator), None)
+            return await lightsecagg_wire.handle_upload(self.coord, client, first, request_iterator)
+        except ServiceError as err:
+            await _fail(context, err)
+        except Exception:
+            log.exception("lightsecagg upload failed")
+            await _fail(context, ServiceError("internal"))
+
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
         coord = self.coord
         return pb.StatusResponse(
@@ -214,10 +284,37 @@ class Servicer(pb_grpc.FederatedLearningServicer):
                     dp_delta=s.dp_delta,
                     epsilon_budget=s.epsilon_budget or 0.0,
                     budget_spent=s.budget_spent,
+                    discarded_updates=s.discarded_updates,
                 )
                 for s in coord.stats()
             ],
         )
+
+
+def assignment_message(a: AssignmentInfo, aggregator_address: str = "") -> pb.Assignment:
+    report = None
+    if a.enclave_report is not None:
+        r = a.enclave_report
+        report = pb.EnclaveReport(
+            measurement=r.measurement,
+            public_key=r.public_key,
+            epoch=r.epoch,
+            signature=r.signature,
+        )
+    return pb.Assignment(
+        task_id=a.task_id,
+        lease_id=a.lease_id,
+        model_version=a.version,
+        model_dim=a.dim,
+        lease_timeout_s=a.lease_timeout_s,
+        client_config_json=a.client_config_json,
+        model_config_json=a.model_config_json,
+        clip_norm=a.clip_norm,
+        enclave_report=report,
+        enclave_config=a.enclave_config,
+        aggregator_address=aggregator_address,
+        secagg=None if a.secagg is None else secagg_wire.params_to_pb(a.secagg),
+    )
 
 
 @dataclass
@@ -234,6 +331,17 @@ class ServiceHandle:
         await self.server.stop(grace_s)
         await self.coordinator.flush()
         self.coordinator.close()
+
+
+def bind(server: grpc.aio.Server, address: str, s: ServerSection) -> int:
+    """Listen on ``address`` (TLS from ``s`` unless ``s.insecure``); return the bound port."""
+    if s.insecure:
+        return server.add_insecure_port(address)
+    assert s.tls_cert is not None and s.tls_key is not None  # ServerSection.validate
+    creds = grpc.ssl_server_credentials(
+        [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())]
+    )
+    return server.add_secure_port(address, creds)
 
 
 async def _tick_forever(coord: Coordinator) -> None:
@@ -259,15 +367,7 @@ async def start_server(cfg: ServiceConfig) -> ServiceHandle:
     pb_grpc.add_FederatedLearningServicer_to_server(  # type: ignore[no-untyped-call]
         Servicer(coord, s.chunk_bytes), server
     )
-    address = f"{s.host}:{s.port}"
-    if s.insecure:
-        port = server.add_insecure_port(address)
-    else:
-        assert s.tls_cert is not None and s.tls_key is not None
-        creds = grpc.ssl_server_credentials(
-            [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())]
-        )
-        port = server.add_secure_port(address, creds)
+    port = bind(server, f"{s.host}:{s.port}", s)
     await server.start()
     port_file = Path(cfg.storage.dir) / "port"
     tmp = port_file.with_suffix(".tmp")

@@ -16,6 +16,15 @@ Exactly-once, in three rules:
    current checkpoint's version), replayed in acceptance order through the same algorithm at
    the same version: the same staleness, weights and float additions, so the same buffer.
 
+DP with the TEE buffer adds a write-ahead note: ``release_notes`` counts the releases
+requested from the enclave at each version, committed BEFORE each request, so a release the
+server saw is accounted even if the server dies before its step commits
+(:func:`asyncfl.service.privacy.replay_release_notes`).
+
+A SecAgg round (``secure_aggregation`` secagg/secagg+) writes nothing until its sum is
+applied; then its step's transaction also inserts the survivors' rows (no delta) and one
+``secure_rounds`` record (``UNIQUE(task_id, version)``: applied exactly once).
+
 Rows of an applied step drop their delta (the checkpoint holds its effect) unless
 ``keep_applied_deltas`` keeps them for audit.
 """
@@ -34,8 +43,9 @@ import numpy as np
 
 from asyncfl.core.update import FloatVector
 from asyncfl.secure.ring import RingVector
+from asyncfl.service.ownership import OWNERS_DDL
 
-__all__ = ["LedgerRow", "Store", "TaskRecord"]
+__all__ = ["LedgerRow", "SecureRoundRow", "Store", "TaskRecord"]
 
 RowStatus = Literal["buffered", "applied", "discarded"]
 
@@ -65,6 +75,23 @@ CREATE TABLE IF NOT EXISTS updates (
     UNIQUE (task_id, client_id, upload_id)
 );
 CREATE INDEX IF NOT EXISTS updates_status ON updates (task_id, status);
+CREATE TABLE IF NOT EXISTS release_notes (
+    task_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    releases INTEGER NOT NULL,
+    PRIMARY KEY (task_id, version)
+);
+CREATE TABLE IF NOT EXISTS secure_rounds (
+    task_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    session_id TEXT NOT NULL,
+    participants INTEGER NOT NULL,
+    survivors INTEGER NOT NULL,
+    total_weight REAL NOT NULL,
+    aggregate BLOB,
+    applied_unix REAL NOT NULL,
+    UNIQUE (task_id, version)
+);
 """
 
 
@@ -94,6 +121,21 @@ class LedgerRow:
     status: RowStatus = "buffered"
     applied_version: int | None = None
     seq: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class SecureRoundRow:
+    """A SecAgg round whose sum was applied (written with its step, so exactly once)."""
+
+    version: int
+    """The model version its step produced."""
+    session_id: str
+    participants: int
+    survivors: int
+    total_weight: float
+    aggregate: FloatVector | None = None
+    """The decoded weighted sum of the survivors' updates (kept with ``keep_applied_deltas``,
+    for audit and replay). Individual updates are never stored."""
 
 
 class Store:
@@ -128,6 +170,39 @@ class Store:
             self._db.close()
         with self._read_lock:
             self._reader.close()
+
+    def fence(self, task_id: str, epoch: int) -> None:
+        """Refuse this connection's writes to ``task_id`` once its owner epoch is not ``epoch``.
+
+        Roles in separate processes (``ownership.py``): an aggregator fences the task it was
+        given before recovering it. TEMP triggers (this connection only) check the epoch in
+        ``task_owners`` inside each write transaction, so an aggregator that lost the task
+        and does not know it yet cannot add, apply or discard a row or move the version
+        (``sqlite3.IntegrityError``; the transaction rolls back).
+        """
+        guard = (
+            "WHEN EXISTS (SELECT 1 FROM temp.fence f WHERE f.task_id = {t} AND f.epoch IS NOT "
+            "(SELECT o.epoch FROM main.task_owners o WHERE o.task_id = {t})) "
+            "BEGIN SELECT RAISE(ABORT, 'asyncfl: task ownership moved'); END;"
+        )
+        with self._lock:
+            self._db.executescript(
+                OWNERS_DDL
+                + "CREATE TEMP TABLE IF NOT EXISTS fence "
+                "(task_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL);"
+                + "".join(
+                    f"CREATE TEMP TRIGGER IF NOT EXISTS fence_{name} BEFORE {op} ON main.{table} "
+                    + guard.format(t=f"{row}.task_id")
+                    for name, op, table, row in (
+                        ("insert", "INSERT", "updates", "NEW"),
+                        ("update", "UPDATE", "updates", "OLD"),
+                        ("step", "UPDATE", "tasks", "OLD"),
+                    )
+                )
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO temp.fence (task_id, epoch) VALUES (?, ?)", (task_id, epoch)
+            )
 
     # -- tasks ------------------------------------------------------------------------------
     def task(self, task_id: str) -> TaskRecord | None:
@@ -180,6 +255,24 @@ class Store:
             ).fetchall()
         return {str(s): int(n) for s, n in found}
 
+    def note_release(self, task_id: str, version: int) -> None:
+        """Durably count one release about to be requested at ``version`` (write-ahead)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO release_notes (task_id, version, releases) VALUES (?, ?, 1) "
+                "ON CONFLICT (task_id, version) DO UPDATE SET releases = releases + 1",
+                (task_id, version),
+            )
+
+    def release_notes(self, task_id: str) -> dict[int, int]:
+        """Releases noted per version (a committed step at ``v`` accounts its own)."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT version, releases FROM release_notes WHERE task_id = ?", (task_id,)
+            ).fetchall()
+        return {int(v): int(n) for v, n in found}
+
     def commit(
         self,
         task_id: str,
@@ -188,12 +281,17 @@ class Store:
         step: tuple[int, str] | None = None,
         discard: bool = False,
         finished: bool = False,
-    ) -> None:
+        secure_round: SecureRoundRow | None = None,
+        limit: int | None = None,
+    ) -> int:
         """One transaction: insert ``rows`` (buffered, in this order), then either apply every
         buffered row as ``step = (new version, checkpoint path)`` or mark them ``discarded``.
+        Returns the number of rows marked discarded. ``limit``: apply or discard only the
+        oldest ``limit`` buffered rows (lightsecagg: a buffer settles while the next fills).
 
         Several rows in one transaction is the group commit of concurrent uploads: one fsync
-        for all of them, and each is acknowledged only after this returns."""
+        for all of them, and each is acknowledged only after this returns. ``secure_round``
+        (with ``step``) records the SecAgg round whose sum the step applied."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             for row in rows:
@@ -215,13 +313,21 @@ class Store:
                         time.time(),
                     ),
                 )
+            oldest = ""
+            few: tuple[object, ...] = ()
+            if limit is not None:
+                oldest = (
+                    " AND seq IN (SELECT seq FROM updates WHERE task_id = ? AND "
+                    "status = 'buffered' ORDER BY seq LIMIT ?)"
+                )
+                few = (task_id, limit)
             if step is not None:
                 version, checkpoint = step
                 keep = "delta" if self.keep_applied_deltas else "NULL"
                 self._db.execute(
                     f"UPDATE updates SET status = 'applied', applied_version = ?, delta = {keep} "
-                    "WHERE task_id = ? AND status = 'buffered'",
-                    (version, task_id),
+                    "WHERE task_id = ? AND status = 'buffered'" + oldest,
+                    (version, task_id, *few),
                 )
                 cur = self._db.execute(
                     "UPDATE tasks SET version = ?, checkpoint = ?, finished = ? "
@@ -232,12 +338,58 @@ class Store:
                     raise sqlite3.IntegrityError(
                         f"task {task_id!r} is not at version {version - 1}; step refused"
                     )
+                if secure_round is not None:
+                    _insert_secure_round(
+                        self._db, task_id, version, secure_round, self.keep_applied_deltas
+                    )
             elif discard:
-                self._db.execute(
+                cur = self._db.execute(
                     "UPDATE updates SET status = 'discarded', delta = NULL "
-                    "WHERE task_id = ? AND status = 'buffered'",
-                    (task_id,),
+                    "WHERE task_id = ? AND status = 'buffered'" + oldest,
+                    (task_id, *few),
                 )
+                return int(cur.rowcount)
+        return 0
+
+    def secure_rounds(self, task_id: str) -> list[SecureRoundRow]:
+        """The applied SecAgg rounds of a task, by version."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT version, session_id, participants, survivors, total_weight, aggregate "
+                "FROM secure_rounds WHERE task_id = ? ORDER BY version",
+                (task_id,),
+            ).fetchall()
+        return [
+            SecureRoundRow(
+                int(v),
+                str(sid),
+                int(p),
+                int(n),
+                float(w),
+                None if agg is None else np.frombuffer(agg, dtype="<f4").astype(np.float32),
+            )
+            for v, sid, p, n, w, agg in found
+        ]
+
+
+def _insert_secure_round(
+    db: sqlite3.Connection, task_id: str, version: int, sr: SecureRoundRow, keep: bool
+) -> None:
+    agg = _blob(sr.aggregate) if keep and sr.aggregate is not None else None
+    db.execute(
+        "INSERT INTO secure_rounds (task_id, version, session_id, participants, survivors, "
+        "total_weight, aggregate, applied_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            task_id,
+            version,
+            sr.session_id,
+            sr.participants,
+            sr.survivors,
+            sr.total_weight,
+            agg,
+            time.time(),
+        ),
+    )
 
 
 def _blob(v: FloatVector | RingVector) -> bytes:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from asyncfl.core.configload import to_plain
 from asyncfl.core.params import ParamSpec
 from asyncfl.core.server_opt import ServerOptimizer, make_server_optimizer
 from asyncfl.core.update import FloatVector, Update
+from asyncfl.errors import PrivacyBudgetExceeded
 from asyncfl.privacy import clip_update
 from asyncfl.secure.tee import SimulatedVendor
 from asyncfl.secure.tee.client import MaskedUpdate
@@ -40,8 +42,15 @@ from asyncfl.service.checkpoint import (
 )
 from asyncfl.service.config import TaskConfig
 from asyncfl.service.errors import ServiceError
-from asyncfl.service.privacy import accountant_json, load_accountant, make_task_dp
-from asyncfl.service.store import LedgerRow, Store, TaskRecord
+from asyncfl.service.lightsecagg_task import KeyStore, LightSecAggTask, LightSecAggUpload
+from asyncfl.service.privacy import (
+    accountant_json,
+    dp_noise_seed,
+    load_accountant,
+    make_task_dp,
+    replay_release_notes,
+)
+from asyncfl.service.store import LedgerRow, SecureRoundRow, Store, TaskRecord
 from asyncfl.service.tee import TeeAggregator, build_tee
 from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.seeding import derive_seed
@@ -63,6 +72,9 @@ class Submission:
     tee: MaskedUpdate | None = None
     """``secure_aggregation: tee``: the masked ring vector + sealed seed (``delta`` is then
     empty and unused)."""
+    lightsecagg: LightSecAggUpload | None = None
+    """``secure_aggregation: lightsecagg``: the encrypted mask shares + masked field vector
+    (``delta`` is then empty and unused)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ class TaskRuntime:
         self.vendor = vendor
         self.tee: TeeAggregator | None = None
         """The enclave and the secure aggregator (``secure_aggregation: tee`` tasks)."""
+        self.lsa: LightSecAggTask | None = None
+        """The group, mailboxes and masked buffers (``secure_aggregation: lightsecagg``)."""
         self._lost_buffer = 0
         self.store = store
         self.ckpt_dir = ckpt_dir
@@ -108,6 +122,9 @@ class TaskRuntime:
         """Finished because one more step would exceed the privacy budget."""
         self.dp: DPMechanism | None = None
         self.accepted_total = 0
+        self.discarded_total = 0
+        """Accepted updates that will never be applied: discarded buffers (a failed FedAvg
+        round, a zero-weight buffer, a TEE buffer lost with its enclave boot)."""
         self.recover()
 
     # -- state ------------------------------------------------------------------------------
@@ -151,7 +168,13 @@ class TaskRuntime:
             )
         self.optimizer = make_server_optimizer(self.cfg.server_optimizer, rec.dim)
         self.optimizer.load_state_dict(ckpt.optimizer)
-        self.dp = make_task_dp(self.cfg, rec.version)
+        # tee + DP: releases requested at this version whose step never committed (noted
+        # write-ahead; the server may have seen them): accounted below, and the noise stream
+        # of the seeded (research) mode moves on so it never repeats.
+        notes = 0
+        if self.vendor is not None and self.cfg.privacy.enabled:
+            notes = self.store.release_notes(self.cfg.id).get(rec.version, 0)
+        self.dp = make_task_dp(self.cfg, rec.version, stream=notes)
         if self.dp is not None:
             if ckpt.privacy is None:
                 raise RuntimeError(
@@ -159,8 +182,22 @@ class TaskRuntime:
                     f"{self.cfg.id!r} has privacy.enabled; use a new task id to turn DP on"
                 )
             load_accountant(self.dp, ckpt.privacy)
+            if notes:
+                replay_release_notes(self.dp, notes)
+                log.info(
+                    "uncommitted enclave releases accounted",
+                    extra={"task": self.cfg.id, "version": rec.version, "releases": notes},
+                )
         if self.vendor is not None:
-            self._boot_tee(ckpt.params)
+            self._boot_tee(ckpt.params, dp_noise_seed(self.cfg, rec.version, notes))
+        elif self.cfg.secure_aggregation.mode == "lightsecagg":
+            if self.lsa is not None:
+                self.lsa.close()
+            keys = KeyStore(self.store.path.parent / "lightsecagg.sqlite")
+            self.lsa = LightSecAggTask(
+                self.cfg, ckpt.params, self.optimizer, keys, new_session=lambda: os.urandom(16)
+            )
+            self.agg = self.lsa.agg
         else:
             self.agg = make_aggregator(self.cfg.algorithm, ckpt.params, self.optimizer, self.dp)
         self.agg.resume_at(rec.version)
@@ -171,11 +208,13 @@ class TaskRuntime:
         self._remove_orphans(rec.version)
         counts = self.store.counts(self.cfg.id)
         self.accepted_total = sum(counts.values())
-        if self.tee is not None and counts.get("buffered", 0):
+        self.discarded_total = counts.get("discarded", 0)
+        if (self.tee is not None or self.lsa is not None) and counts.get("buffered", 0):
             # The masks of these rows died with the enclave that held their seeds (a new boot
             # has a new key and epoch): they can never be unmasked, so they are marked
             # discarded, never replayed. Released steps are in the checkpoint: exactly once.
-            self.store.commit(self.cfg.id, [], discard=True)
+            # (lightsecagg: the devices' share state does not follow a restart; same rule.)
+            self.discarded_total += self.store.commit(self.cfg.id, [], discard=True)
             log.info(
                 "enclave restarted: masked buffer discarded",
                 extra={"task": self.cfg.id, "discarded": counts["buffered"]},
@@ -196,20 +235,36 @@ class TaskRuntime:
             extra={"task": self.cfg.id, "version": rec.version, "buffered": self.agg.buffered},
         )
 
-    def _boot_tee(self, params: FloatVector) -> None:
+    def _boot_tee(self, params: FloatVector, noise_seed: int) -> None:
         """A fresh enclave (new key and epoch, empty buffer) and the secure aggregator."""
         assert self.vendor is not None
         if self.tee is not None:
             self.tee.close()
             self.tee = None
-        self.tee = build_tee(self.cfg, params, self.optimizer, self.vendor)
+        self.tee = build_tee(
+            self.cfg,
+            params,
+            self.optimizer,
+            self.vendor,
+            dp=self.dp,
+            noise_seed=noise_seed,
+            before_release=None if self.dp is None else self._note_release,
+        )
         self.agg = self.tee.agg
+
+    def _note_release(self) -> None:
+        # Write-ahead (tee + DP): the release about to be requested is spent once the server
+        # sees it, even if this process dies before the step commits (see recover()).
+        self.store.note_release(self.cfg.id, self.agg.version)
 
     def close(self) -> None:
         """Stop the enclave (tee tasks); the durable state stays as it is."""
         if self.tee is not None:
             self.tee.close()
             self.tee = None
+        if self.lsa is not None:
+            self.lsa.close()
+            self.lsa = None
 
     def _remove_orphans(self, current: int) -> None:
         prefix = f"{self.cfg.id}-v"
@@ -309,7 +364,12 @@ class TaskRuntime:
             raise ServiceError("task_finished", f"task {self.cfg.id} at {self.version}")
         if self.tee is not None:
             return self._admit_masked(it)
-        if it.tee is not None:
+        if self.lsa is not None:
+            if it.lightsecagg is None:
+                raise ServiceError("bad_encoding", f"task {self.cfg.id} takes LightSecAgg uploads")
+            up = it.lightsecagg
+            return self.lsa.admit(it.client_id, it.upload_id, it.base_version, it.num_examples, up)
+        if it.tee is not None or it.lightsecagg is not None:
             raise ServiceError("bad_encoding", f"task {self.cfg.id} takes float32 updates")
         delta = it.delta
         if self.dp is not None:
@@ -351,7 +411,10 @@ class TaskRuntime:
         if up.client_id != it.client_id or up.base_version != it.base_version:
             raise ServiceError("malformed_message", "masked update names another client/version")
         version_before = self.agg.version
-        out = self.tee.agg.on_masked_update(up)
+        try:
+            out = self.tee.agg.on_masked_update(up)
+        except PrivacyBudgetExceeded as exc:  # raised before anything is registered
+            raise ServiceError("privacy_budget_spent", str(exc)) from None
         if not out.accepted:
             assert out.reason is not None
             # A refusal from a new enclave boot cleared the masked buffer (out.discarded):
@@ -380,8 +443,59 @@ class TaskRuntime:
             self._persist([], out)
         return out
 
-    def _persist(self, rows: Sequence[LedgerRow], out: Outcome) -> None:
-        """Make ``out`` durable; on failure rebuild memory from disk so the two never diverge."""
+    def apply_aggregate(
+        self,
+        base_version: int,
+        weighted_sum: FloatVector,
+        example_total: float,
+        rows: Sequence[LedgerRow],
+        secure_round: SecureRoundRow,
+    ) -> Outcome:
+        """Step with a SecAgg round's decoded sum (``secure_aggregation`` secagg/secagg+).
+
+        ``rows`` name the round's survivors (no deltas: the server never holds one); they
+        commit as applied in the step's transaction with ``secure_round``, so the round is
+        applied exactly once. Nothing is written unless the aggregator steps.
+        """
+        if self.finished:
+            return Outcome(accepted=False, reason="task_finished")
+        out = self.agg.on_aggregate(base_version, weighted_sum, example_total, len(rows))
+        if out.step is not None:
+            self._persist(rows, out, secure_round=secure_round)
+            self.accepted_total += len(rows)
+        return out
+
+    def settle_lightsecagg(self, now: float) -> list[Outcome]:
+        """lightsecagg: step or discard, oldest first, the closed buffers that are settled (U
+        answers in, or past their deadline); each commits exactly its own (oldest) rows."""
+        outs: list[Outcome] = []
+        while self.lsa is not None and not self.finished:
+            done = self.lsa.settle_one(now)
+            if done is None:
+                break
+            out, rows = done
+            self._persist([], out, limit=rows)
+            outs.append(out)
+            if out.discarded:
+                log.info(
+                    "lightsecagg buffer discarded: too few answers by its deadline",
+                    extra={"task": self.cfg.id, "discarded": out.discarded},
+                )
+        if self.lsa is not None and self.finished and self.lsa.drop_all():
+            self.discarded_total += self.store.commit(self.cfg.id, [], discard=True)
+        return outs
+
+    def _persist(
+        self,
+        rows: Sequence[LedgerRow],
+        out: Outcome,
+        *,
+        secure_round: SecureRoundRow | None = None,
+        limit: int | None = None,
+    ) -> None:
+        """Make ``out`` durable; on failure rebuild memory from disk so the two never diverge.
+        ``limit``: the step or discard covers only the oldest ``limit`` buffered rows (a
+        lightsecagg buffer settles while the next one fills)."""
         try:
             if out.step is not None:
                 v = out.step.version
@@ -392,7 +506,14 @@ class TaskRuntime:
                 )
                 spent = self.dp is not None and self.dp.accountant.would_exceed()
                 finished = v >= self.cfg.max_server_steps or spent
-                self.store.commit(self.cfg.id, rows, step=(v, path.name), finished=finished)
+                self.store.commit(
+                    self.cfg.id,
+                    rows,
+                    step=(v, path.name),
+                    finished=finished,
+                    secure_round=secure_round,
+                    limit=limit,
+                )
                 self.finished = finished
                 self.budget_spent = spent
                 old = self.ckpt_dir / checkpoint_name(self.cfg.id, v - self.keep_checkpoints)
@@ -407,7 +528,11 @@ class TaskRuntime:
                     },
                 )
             else:
-                self.store.commit(self.cfg.id, rows, discard=out.discarded > 0)
+                self.discarded_total += self.store.commit(
+                    self.cfg.id, rows, discard=out.discarded > 0, limit=limit
+                )
+            if self.lsa is not None:
+                self.lsa.published()
         except Exception:
             log.exception("persisting failed; rebuilding task state from disk")
             self.recover()

@@ -16,21 +16,29 @@ This module holds what both sides need to agree on:
 - :class:`TeeTrust`: what a client is configured with (vendor public key, expected
   measurement); a client without it refuses tee tasks.
 
-Not done (the config refuses them): DP noise in the enclave, example weighting other than
-``equal``, FedAsync/FedAvg over the TEE buffer.
+Differential privacy (``privacy.enabled``): the enclave adds the Gaussian noise to every
+release (:func:`~asyncfl.secure.tee.enclave.dp_noise_std`, from its own CSPRNG, or a seed
+handed to it at boot in the research-only ``seeded`` mode), and the clip norm that noise is
+calibrated to is part of the measured config, so a device clips to the attested norm, not to
+one the server chose. What is enforced where: docs/security.md.
+
+Not done (the config refuses them): example weighting other than ``equal``, FedAsync/FedAvg
+over the TEE buffer, adaptive clipping.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from asyncfl.algorithms.fedbuff import FedBuffConfig
-from asyncfl.algorithms.secure_fedbuff import SecureFedBuff
+from asyncfl.algorithms.secure_fedbuff import ReleaseAccounting, SecureFedBuff
 from asyncfl.core.server_opt import ServerOptimizer
 from asyncfl.core.update import FloatVector
 from asyncfl.errors import ConfigError, ConfigProblem
+from asyncfl.privacy.noise import SeededNoise
 from asyncfl.secure.fixedpoint import FixedPointCodec
 from asyncfl.secure.tee import (
     EnclaveBackend,
@@ -40,7 +48,7 @@ from asyncfl.secure.tee import (
     SubprocessBackend,
 )
 from asyncfl.secure.tee.client import expected_measurement
-from asyncfl.secure.tee.enclave import with_smallest_ring
+from asyncfl.secure.tee.enclave import dp_noise_std, with_smallest_ring
 from asyncfl.service.config import TaskConfig
 
 __all__ = [
@@ -72,27 +80,37 @@ def enclave_config_for(cfg: TaskConfig, dim: int) -> EnclaveConfig:
     if not isinstance(alg, FedBuffConfig):
         raise ConfigError([ConfigProblem("algorithm.name", alg.name, "fedbuff with tee")])
     max_weight = 1 << sa.weight_bits
-    ec = EnclaveConfig(
-        task=cfg.id,
-        dim=dim,
-        ring_bits=sa.ring_bits,
-        frac_bits=sa.frac_bits,
-        clip=sa.clip,
-        weight_bits=sa.weight_bits,
-        min_contributions=alg.buffer_size,
-        max_weight=max_weight,
+    dp = cfg.privacy
+    noise_std = (
+        dp_noise_std(dp.noise_multiplier, dp.clip_norm, dim=dim, frac_bits=sa.frac_bits)
+        if dp.enabled
+        else 0.0
     )
-    if ec.weight_budget() < alg.buffer_size * max_weight:
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "secure_aggregation.ring_bits",
-                    sa.ring_bits,
-                    f"enough bits for K={alg.buffer_size} contributions of weight {max_weight}; "
-                    "raise ring_bits or lower frac_bits, weight_bits or clip",
-                )
-            ]
+    problem = ConfigProblem(
+        "secure_aggregation.ring_bits",
+        sa.ring_bits,
+        f"enough bits for K={alg.buffer_size} contributions of weight {max_weight} plus the DP "
+        "noise tail; raise ring_bits or lower frac_bits, weight_bits or clip",
+    )
+    try:
+        ec = EnclaveConfig(
+            task=cfg.id,
+            dim=dim,
+            ring_bits=sa.ring_bits,
+            frac_bits=sa.frac_bits,
+            clip=sa.clip,
+            weight_bits=sa.weight_bits,
+            min_contributions=alg.buffer_size,
+            max_weight=max_weight,
+            noise_std=noise_std,
+            dp_clip_norm=dp.clip_norm if dp.enabled else 0.0,
         )
+    except ConfigError as exc:  # the enclave's own ring_bits check: name the task's field
+        ring = [p for p in exc.problems if p.path == "ring_bits"]
+        other = [p for p in exc.problems if p.path != "ring_bits"]
+        raise ConfigError(([problem] if ring else []) + other) from exc
+    if ec.weight_budget() < alg.buffer_size * max_weight:
+        raise ConfigError([problem])
     return with_smallest_ring(ec)
 
 
@@ -149,21 +167,44 @@ def build_tee(
     params: FloatVector,
     optimizer: ServerOptimizer,
     vendor: SimulatedVendor,
+    *,
+    dp: ReleaseAccounting | None = None,
+    noise_seed: int | None = None,
+    before_release: Callable[[], None] | None = None,
 ) -> TeeAggregator:
-    """Boot a fresh enclave (new key, new epoch, empty buffer) and the aggregator before it."""
+    """Boot a fresh enclave (new key, new epoch, empty buffer) and the aggregator before it.
+
+    With ``privacy.enabled``, ``dp`` accounts the enclave's noised releases and ``noise_seed``
+    seeds the enclave's noise when ``privacy.noise_source`` is ``seeded`` (research only, no
+    formal guarantee; otherwise the enclave draws it from its own OS CSPRNG).
+    """
     sa = cfg.secure_aggregation
     alg = cfg.algorithm
     assert isinstance(alg, FedBuffConfig)  # TaskConfig.validate refuses anything else
+    if (dp is None) == cfg.privacy.enabled:
+        raise ValueError(f"task {cfg.id!r}: pass dp exactly when privacy.enabled")
+    seeded = cfg.privacy.enabled and cfg.privacy.noise_source == "seeded"
+    if seeded and noise_seed is None:
+        raise ValueError(f"task {cfg.id!r}: privacy.noise_source seeded needs noise_seed")
     ec = enclave_config_for(cfg, int(params.shape[0]))
     codec = FixedPointCodec(clip=sa.clip, frac_bits=sa.frac_bits, ring_bits=ec.ring_bits)
+    seed = noise_seed if seeded else None
     backend: EnclaveBackend = (
-        SubprocessBackend(ec, vendor)
+        SubprocessBackend(ec, vendor, noise_seed=seed)
         if sa.tee_backend == "subprocess"
-        else InProcessBackend(ec, vendor)
+        else InProcessBackend(ec, vendor, noise=None if seed is None else SeededNoise(seed))
     )
     try:
         agg = SecureFedBuff(
-            alg, params, optimizer, backend=backend, codec=codec, weight_bits=sa.weight_bits
+            alg,
+            params,
+            optimizer,
+            backend=backend,
+            codec=codec,
+            weight_bits=sa.weight_bits,
+            dp=dp,
+            dp_noise_std=ec.noise_std,
+            before_release=before_release,
         )
     except BaseException:
         backend.close()

@@ -21,7 +21,7 @@ from asyncfl.sim.phones import PhonePopulationConfig
 from asyncfl.sim.secure_rounds import SecureAggregationConfig
 from asyncfl.training.config import ClientConfig
 
-__all__ = ["PopulationConfig", "RunConfig", "SimConfig"]
+__all__ = ["PopulationConfig", "RunConfig", "SimConfig", "distributed_noise_problems"]
 
 
 @dataclass(frozen=True)
@@ -113,37 +113,6 @@ class SimConfig:
     privacy: DPSection = field(default_factory=DPSection)
     """User-level differential privacy (clipping, noise, accounting)."""
 
-    def _distributed_noise_problems(self) -> list[ConfigProblem]:
-        """DP with SecAgg: each client adds a noise share before encoding (fixed clipping)."""
-        out: list[ConfigProblem] = []
-        dp, sa = self.privacy, self.secure_aggregation
-        if dp.clipping != "fixed":
-            out.append(
-                ConfigProblem(
-                    "privacy.clipping",
-                    dp.clipping,
-                    "fixed with SecAgg (distributed noise); adaptive clipping would need a "
-                    "secure sum of the unclipped count",
-                )
-            )
-        if isinstance(self.algorithm, FedAvgConfig):
-            # Each coordinate of a client's input is its clipped delta plus a noise share of
-            # std z C / sqrt(min_updates); the fixed-point range must hold it with margin,
-            # or the codec's per-coordinate clipping would cut the noise.
-            share_std = dp.noise_multiplier * dp.clip_norm / self.algorithm.min_updates**0.5
-            need = dp.clip_norm + 6.0 * share_std
-            if sa.clip < need:
-                out.append(
-                    ConfigProblem(
-                        "secure_aggregation.clip",
-                        sa.clip,
-                        f">= clip_norm + 6 x noise-share std = {need:.3g} "
-                        f"(z={dp.noise_multiplier}, C={dp.clip_norm}, "
-                        f"min_updates={self.algorithm.min_updates})",
-                    )
-                )
-        return out
-
     def validate(self) -> list[ConfigProblem]:
         out: list[ConfigProblem] = []
         mode = self.secure_aggregation.mode
@@ -191,7 +160,9 @@ class SimConfig:
                     )
                 )
             if mode in ("secagg", "secagg+"):
-                out += self._distributed_noise_problems()
+                out += distributed_noise_problems(
+                    self.privacy, self.secure_aggregation, self.algorithm
+                )
             elif mode == "lightsecagg":
                 out.append(
                     ConfigProblem(
@@ -212,6 +183,41 @@ class SimConfig:
                     )
                 )
         return out
+
+
+def distributed_noise_problems(
+    dp: DPSection, sa: SecureAggregationConfig, algorithm: AlgorithmConfig
+) -> list[ConfigProblem]:
+    """DP with SecAgg: each client adds a noise share before encoding (fixed clipping).
+
+    Shared by the simulator's and the service's config checks."""
+    out: list[ConfigProblem] = []
+    if dp.clipping != "fixed":
+        out.append(
+            ConfigProblem(
+                "privacy.clipping",
+                dp.clipping,
+                "fixed with SecAgg (distributed noise); adaptive clipping would need a "
+                "secure sum of the unclipped count",
+            )
+        )
+    if isinstance(algorithm, FedAvgConfig):
+        # Each coordinate of a client's input is its clipped delta plus a noise share of
+        # std z C / sqrt(min_updates); the fixed-point range must hold it with margin,
+        # or the codec's per-coordinate clipping would cut the noise.
+        share_std = dp.noise_multiplier * dp.clip_norm / algorithm.min_updates**0.5
+        need = dp.clip_norm + 6.0 * share_std
+        if sa.clip < need:
+            out.append(
+                ConfigProblem(
+                    "secure_aggregation.clip",
+                    sa.clip,
+                    f">= clip_norm + 6 x noise-share std = {need:.3g} "
+                    f"(z={dp.noise_multiplier}, C={dp.clip_norm}, "
+                    f"min_updates={algorithm.min_updates})",
+                )
+            )
+    return out
 
 
 def _lightsecagg_headroom(

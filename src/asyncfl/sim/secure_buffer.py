@@ -116,6 +116,7 @@ def build_tee_aggregator(
         min_contributions=alg.buffer_size,
         max_weight=max_weight,
         noise_std=noise_std,
+        dp_clip_norm=0.0 if dp is None else dp.clip_norm,
     )
     if enclave_cfg.weight_budget() < alg.buffer_size * max_weight:
         raise ConfigError(

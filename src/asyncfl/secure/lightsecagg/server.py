@@ -65,8 +65,18 @@ class LightSecAggServer:
     """Routing, the masked accumulator and one-shot decoding for one group."""
 
     def __init__(
-        self, params: LightSecAggParams, session_id: bytes, *, code: LagrangeCode | None = None
+        self,
+        params: LightSecAggParams,
+        session_id: bytes,
+        *,
+        code: LagrangeCode | None = None,
+        first_buffer_id: int = 0,
     ) -> None:
+        """``first_buffer_id``: where buffer ids start. Users answer each id once, so a
+        server that restarts within the same session must start past every id it issued
+        before (the service starts each boot at ``boot << 32``)."""
+        if first_buffer_id < 0:
+            raise ValueError(f"first_buffer_id={first_buffer_id} must be >= 0")
         self.params = params
         self.session_id = session_id
         self.code = code or LagrangeCode(params)
@@ -74,7 +84,7 @@ class LightSecAggServer:
         self._shared: set[ContributionId] = set()
         self._uploaded: set[ContributionId] = set()
         self._open = _Buffer(np.zeros(params.dim, dtype=np.uint64))
-        self._next_id = 0
+        self._next_id = first_buffer_id
         self._closed: dict[int, _Buffer] = {}
 
     # -- setup ----------------------------------------------------------------------------
@@ -109,6 +119,14 @@ class LightSecAggServer:
             raise ProtocolError(f"{cid} must carry one share for each of the other {n - 1} users")
         self._shared.add(cid)
         return by
+
+    def cancel_route(self, contribution: ContributionId) -> None:
+        """Forget the routing of a contribution whose upload was then refused (by the
+        aggregator: too stale, duplicate client, ...), so the refusal changes no state. Only
+        before its shares are delivered: the caller holds them until the upload is accepted."""
+        if contribution not in self._shared or contribution in self._uploaded:
+            raise ProtocolError(f"{contribution} is not routed-but-not-uploaded")
+        self._shared.discard(contribution)
 
     def on_masked_upload(self, msg: MaskedUpload, weight: int) -> None:
         """Add ``weight * y mod p`` to the open buffer."""

@@ -79,7 +79,10 @@ class LightSecAggUser:
         *,
         code: LagrangeCode | None = None,
         entropy: Entropy = os.urandom,
+        keys: KeyPair | None = None,
     ) -> None:
+        """``keys``: the user's X25519 key pair when it was made (and advertised) before the
+        group's parameters were known, as a service device does; otherwise drawn here."""
         if not 0 <= user_id < params.num_users:
             raise ValueError(f"user_id={user_id} outside [0, {params.num_users})")
         if code is not None and code.params != params:
@@ -89,7 +92,7 @@ class LightSecAggUser:
         self.session_id = session_id
         self.code = code or LagrangeCode(params)
         self._entropy = entropy
-        self._keys = KeyPair.generate(entropy)
+        self._keys = keys if keys is not None else KeyPair.generate(entropy)
         self._peers: tuple[bytes, ...] | None = None
         self._sym: dict[int, bytes] = {}
         self._seq = 0

@@ -19,13 +19,16 @@ Invariants this program enforces (each refusal leaves its state unchanged):
   the previous boot no longer open, and the previous buffer's masks are never released.
 
 Cost: per arrival the enclave opens one sealed seed and adds ``w_i PRG(seed_i)`` into its
-accumulator (AES-CTR keystream scaled in place, no model-sized temporary). That mask work is
-deferred: :meth:`SecureBufferEnclave.respond` answers a registration as soon as it is
-validated and its seed opened, and :meth:`SecureBufferEnclave.complete` adds the mask
-afterwards, before the next request is handled. An enclave in its own process thus expands
-the mask while the aggregator does its own share of the arrival. Nothing observable changes:
-the registration is committed before the answer, and every request (a release above all)
-first completes the pending work.
+accumulator (AES-CTR keystream scaled in place, chunk by chunk, no model-sized temporary).
+The mask work is deferred: :meth:`SecureBufferEnclave.respond` answers a registration as soon
+as it is validated and its seed opened, and queues ``(seed, weight)`` (32 bytes + an int per
+contribution, so memory stays O(model size)). The queued work is done by
+:meth:`SecureBufferEnclave.work` one chunk at a time, which an enclave in its own process
+calls whenever no request is waiting (:mod:`asyncfl.secure.tee.process`): registrations are
+answered within one chunk's time while masks are expanded on the enclave's own core, so
+the aggregator never waits for a mask. Nothing observable changes: a registration is
+committed before its answer, a release first completes all queued work, and a discard or
+restart drops the queue with the buffer (its masks are never released anyway).
 
 The optional DP hook adds ``round(N(0, sigma^2) 2^(f+S))`` in the ring to the released sum
 (``sigma`` in model units, ``f`` fractional bits, ``S`` weight bits), so the server only ever
@@ -39,6 +42,8 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -65,7 +70,7 @@ from asyncfl.secure.tee.messages import (
     Request,
     Response,
     decode,
-    encode,
+    encode_parts,
 )
 from asyncfl.secure.tee.sealing import SeedContext, open_seed
 
@@ -74,9 +79,10 @@ if TYPE_CHECKING:
 
 __all__ = ["EnclaveConfig", "SecureBufferEnclave", "dp_noise_std", "with_smallest_ring"]
 
+_DONE = object()
 # SecureNoise's 64-bit uniforms bound |N(0,1)| by sqrt(128 ln 2) ~= 9.42.
 _NOISE_TAIL = 9.42
-_CONFIG_VERSION = 1
+_CONFIG_VERSION = 2  # 2: dp_clip_norm
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,10 @@ class EnclaveConfig:
     """Largest integer weight of one contribution."""
     noise_std: float = 0.0
     """DP hook: std of Gaussian noise added to each released sum, in model units."""
+    dp_clip_norm: float = 0.0
+    """DP: the L2 norm every device clips its update to before encoding (0: no DP). The enclave
+    does not use it (it never sees an update); it is measured so that a device takes the clip
+    norm ``noise_std`` was calibrated to from the attested config, never from the server."""
 
     def __post_init__(self) -> None:
         p: list[ConfigProblem] = []
@@ -118,6 +128,8 @@ class EnclaveConfig:
             p.append(ConfigProblem("max_weight", self.max_weight, "an integer >= 1"))
         if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
             p.append(ConfigProblem("noise_std", self.noise_std, "a finite number >= 0"))
+        if not (math.isfinite(self.dp_clip_norm) and self.dp_clip_norm >= 0):
+            p.append(ConfigProblem("dp_clip_norm", self.dp_clip_norm, "a finite number >= 0"))
         if not p and self.weight_budget() < self.min_contributions:
             p.append(
                 ConfigProblem(
@@ -146,7 +158,7 @@ class EnclaveConfig:
             struct.pack(">BI", _CONFIG_VERSION, len(task))
             + task
             + struct.pack(
-                ">QBBdBQQd",
+                ">QBBdBQQdd",
                 self.dim,
                 self.ring_bits,
                 self.frac_bits,
@@ -155,6 +167,7 @@ class EnclaveConfig:
                 self.min_contributions,
                 self.max_weight,
                 self.noise_std,
+                self.dp_clip_norm,
             )
         )
 
@@ -163,9 +176,9 @@ class EnclaveConfig:
         try:
             version, n = struct.unpack_from(">BI", data)
             if version != _CONFIG_VERSION:
-                raise ProtocolError(f"enclave config version {version}, expected 1")
+                raise ProtocolError(f"enclave config version {version} != {_CONFIG_VERSION}")
             task = data[5 : 5 + n].decode()
-            fields = struct.unpack(">QBBdBQQd", data[5 + n :])
+            fields = struct.unpack(">QBBdBQQdd", data[5 + n :])
         except (struct.error, UnicodeDecodeError) as exc:
             raise ProtocolError(f"malformed enclave config: {exc}") from exc
         return cls(task, *fields)
@@ -212,6 +225,9 @@ class SecureBufferEnclave:
 
     ``vendor`` stands for the CPU's quoting key that signs the report at boot; ``noise``
     (default :class:`~asyncfl.privacy.noise.SecureNoise`) is used only when ``noise_std > 0``.
+    ``shared_out``: a host-readable ring vector (the shared output region, see
+    :mod:`~asyncfl.secure.tee.messages`) that releases are written to; the enclave never
+    reads it.
     """
 
     def __init__(
@@ -220,9 +236,17 @@ class SecureBufferEnclave:
         vendor: SimulatedVendor,
         *,
         noise: NoiseSource | None = None,
+        shared_out: RingVector | None = None,
     ) -> None:
         self.config = config
         self._ring = Ring(config.ring_bits)
+        if shared_out is not None and (
+            shared_out.dtype != self._ring.dtype or shared_out.shape != (config.dim,)
+        ):
+            raise ValueError(
+                f"shared_out must be {self._ring.dtype}[{config.dim}], "
+                f"got {shared_out.dtype}{list(shared_out.shape)}"
+            )
         self._key = KeyPair.generate(os.urandom)
         self._epoch = os.urandom(EPOCH_BYTES)
         self._report = vendor.sign_report(
@@ -236,14 +260,24 @@ class SecureBufferEnclave:
 
             self._noise = SecureNoise()
         self._expander = MaskExpander(self._ring, config.dim)
+        # Allocated once: a fresh model-sized array costs a page fault per 4 KiB (~1000 per
+        # 1M-parameter uint32 vector, milliseconds in a VM). _acc holds garbage while
+        # _acc_empty is set; the next mask overwrites it instead of adding (no zeroing pass).
         self._acc = self._ring.zeros(config.dim)
+        self._acc_empty = True
+        # Where releases are written: the shared output region if the host gave one (the
+        # frame then names it instead of carrying the vector), else private memory.
+        self._shared = shared_out
+        self._out = self._ring.zeros(config.dim) if shared_out is None else shared_out
         self._buffer: dict[bytes, int] = {}  # update id -> client id
         self._clients: set[int] = set()
         self._total = 0
         # Every update id registered since boot: a mask may be part of at most one release.
         self._seen: set[bytes] = set()
-        # Registered (answered) contributions whose masks are not yet in _acc: (seed, weight).
-        self._pending: list[tuple[bytes, int]] = []
+        # Registered (answered) contributions whose masks are not yet in _acc: (seed, weight),
+        # and the chunked accumulation of the one being added now.
+        self._pending: deque[tuple[bytes, int]] = deque()
+        self._job: Iterator[None] | None = None
 
     @property
     def report(self) -> AttestationReport:
@@ -253,33 +287,60 @@ class SecureBufferEnclave:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def handle(self, data: bytes) -> bytes:
+    def handle(self, data: bytes | bytearray | memoryview) -> bytes:
         """One request frame in, one response frame out; never raises on bad input."""
         out = self.respond(data)
         self.complete()
         return out
 
-    def complete(self) -> None:
-        """Add the masks of registrations already answered (the deferred per-arrival work)."""
-        for seed, weight in self._pending:
-            self._expander.accumulate(self._acc, seed, scale=weight)
-        self._pending.clear()
+    @property
+    def has_work(self) -> bool:
+        """Whether masks of answered registrations are still to be added."""
+        return self._job is not None or bool(self._pending)
 
-    def respond(self, data: bytes) -> bytes:
-        """Like :meth:`handle`, but may leave mask work for :meth:`complete` (call it next)."""
+    def work(self) -> bool:
+        """Add one chunk of the deferred mask work; return whether any is left."""
+        if self._job is None:
+            if not self._pending:
+                return False
+            seed, weight = self._pending.popleft()
+            self._job = self._expander.accumulate_steps(
+                self._acc, seed, scale=weight, assign=self._acc_empty
+            )
+            self._acc_empty = False
+        if next(self._job, _DONE) is _DONE:
+            self._job = None
+        return self.has_work
+
+    def complete(self) -> None:
+        """Add the masks of all registrations already answered (the deferred work)."""
+        while self.work():
+            pass
+
+    def respond(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Like :meth:`handle`, but may leave mask work for :meth:`work`/:meth:`complete`."""
+        return b"".join(self.respond_parts(data))
+
+    def respond_parts(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
+        """:meth:`respond` as the pieces of the answer frame (a release's vector not copied)."""
         try:
             req = decode(data)
         except ProtocolError as exc:
-            return encode(self._refuse(RefusalCode.MALFORMED, str(exc)))
+            return encode_parts(self._refuse(RefusalCode.MALFORMED, str(exc)))
         if not isinstance(req, ReportRequest | RegisterRequest | ReleaseRequest | DiscardRequest):
-            return encode(
+            return encode_parts(
                 self._refuse(RefusalCode.MALFORMED, f"{type(req).__name__} is no request")
             )
-        return encode(self.handle_message(req))
+        return encode_parts(self.handle_message(req), self._shared)
 
     def handle_message(self, req: Request) -> Response:
-        """Answer one request; a registration's mask work is left to :meth:`complete`."""
-        self.complete()  # every request sees the state of all earlier ones
+        """Answer one request; a registration's mask work is left to :meth:`work`.
+
+        Only a release reads the accumulator, so only a release completes the queued work;
+        every other answer depends on the committed bookkeeping alone. A :class:`Released`
+        answer's vector is this enclave's output buffer: valid until its next release
+        (:meth:`respond` and :meth:`respond_parts` put it in the frame before that).
+        """
         if isinstance(req, ReportRequest):
             return ReportResponse(self._report)
         if req.epoch != self._epoch:
@@ -346,7 +407,8 @@ class SecureBufferEnclave:
                 RefusalCode.BELOW_THRESHOLD,
                 f"{len(self._clients)} distinct contributions < K={k}",
             )
-        out = np.negative(self._acc)
+        self.complete()
+        out = np.negative(self._acc, out=self._out)
         if self.config.noise_std > 0:
             assert self._noise is not None
             out += self._ring_noise()
@@ -365,7 +427,8 @@ class SecureBufferEnclave:
 
     def _reset(self) -> None:
         self._pending.clear()
-        self._acc.fill(0)
+        self._job = None
+        self._acc_empty = True  # the masks in _acc are dropped: the next one overwrites them
         self._buffer.clear()
         self._clients.clear()
         self._total = 0

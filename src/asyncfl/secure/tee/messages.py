@@ -10,7 +10,15 @@ Wire format, version 1 (all integers big-endian)::
     frame   = MAGIC(4) "AFTE" | VERSION(u8) | TYPE(u8) | body
     bytes   = LEN(u32) | data
     ring    = BITS(u8) | N(u32) | N elements, little-endian u32 (BITS <= 32) or u64
+            | BITS + 0x80 (u8) | N(u32)    (the elements are in the shared output region)
     str     = bytes (UTF-8)
+
+The shared output region: a backend may give the enclave a memory region the host can read
+(:class:`~asyncfl.secure.tee.backends.SubprocessBackend` maps one into both processes, as a
+TDX or SEV guest shares pages with its host). A release then writes its vector there and the
+frame names it instead of carrying it: no model-sized copy through the socket. The enclave
+only ever writes the region, and only the vector it releases; ``decode`` returns a view of the
+region, valid until the next release.
 
 A frame with another magic, version or type, a truncated body or trailing bytes is refused
 with :class:`~asyncfl.errors.ProtocolError`.
@@ -47,6 +55,7 @@ __all__ = [
     "SealedSeed",
     "decode",
     "encode",
+    "encode_parts",
 ]
 
 WIRE_VERSION = 1
@@ -54,6 +63,7 @@ EPOCH_BYTES = 16
 UPDATE_ID_BYTES = 16
 _MAGIC = b"AFTE"
 _MAX_BYTES = 1 << 31  # no single field may claim more than 2 GiB
+_SHARED = 0x80  # flag on a ring vector's BITS: its elements are in the shared output region
 
 
 @dataclass(frozen=True)
@@ -203,8 +213,12 @@ class _Writer:
         self.u32(len(b))
         self.parts.append(b)
 
-    def ring(self, x: RingVector) -> None:
+    def ring(self, x: RingVector, shared: RingVector | None = None) -> None:
         bits = 32 if x.dtype == np.uint32 else 64
+        if shared is not None and x is shared:
+            self.u8(bits | _SHARED)  # the elements are already in the shared region
+            self.u32(int(x.shape[0]))
+            return
         self.u8(bits)
         self.u32(int(x.shape[0]))
         # A view, not tobytes(): the frame's join is then the only copy of a model-sized vector.
@@ -212,9 +226,12 @@ class _Writer:
 
 
 class _Reader:
-    def __init__(self, data: bytes) -> None:
+    def __init__(
+        self, data: bytes | bytearray | memoryview, shared: RingVector | None = None
+    ) -> None:
         self.data = memoryview(data)
         self.pos = 0
+        self.shared = shared
 
     def _take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.data):
@@ -246,12 +263,21 @@ class _Reader:
 
     def ring(self) -> RingVector:
         bits = self.u8()
+        if bits in (32 | _SHARED, 64 | _SHARED):
+            n, shared = self.u32(), self.shared
+            if shared is None or shared.dtype.itemsize * 8 != bits - _SHARED or n != shared.size:
+                raise ProtocolError(
+                    f"a {n}-element ring vector in a shared region this connection does not "
+                    "have (or of another size or width)"
+                )
+            return shared
         if bits not in (32, 64):
             raise ProtocolError(f"ring vector storage of {bits} bits; expected 32 or 64")
         n = self.u32()
         buf = self._take(n * bits // 8)
         native = np.uint32 if bits == 32 else np.uint64
-        # Copied (astype): the decoded vector must not alias, or keep alive, the frame.
+        # Copied (astype): the decoded vector must not alias, or keep alive, the frame (a
+        # receive buffer is reused for the next frame).
         return np.frombuffer(buf, dtype=f"<u{bits // 8}").astype(native)
 
     def end(self) -> None:
@@ -270,6 +296,15 @@ def _read_report(r: _Reader) -> AttestationReport:
 
 def encode(msg: Request | Response) -> bytes:
     """The version-1 frame of ``msg``."""
+    return b"".join(encode_parts(msg))
+
+
+def encode_parts(
+    msg: Request | Response, shared: RingVector | None = None
+) -> list[bytes | memoryview]:
+    """:func:`encode` as pieces whose concatenation is the frame; a ring vector is a view of
+    its array's memory (not copied), so send the pieces before the array changes. A released
+    vector that *is* ``shared`` (the shared output region) is named, not carried."""
     w = _Writer()
     w.parts.append(_MAGIC)
     w.u8(WIRE_VERSION)
@@ -302,7 +337,7 @@ def encode(msg: Request | Response) -> bytes:
         w.u64(msg.count)
         w.u64(msg.total_weight)
         w.f64(msg.noise_std)
-        w.ring(msg.unmask)
+        w.ring(msg.unmask, shared)
     elif isinstance(msg, Discarded):
         w.raw(msg.epoch)
         w.u64(msg.count)
@@ -310,12 +345,16 @@ def encode(msg: Request | Response) -> bytes:
         w.raw(msg.epoch)
         w.u8(msg.code.value)
         w.raw(msg.detail.encode())
-    return b"".join(w.parts)
+    return w.parts
 
 
-def decode(data: bytes) -> Request | Response:
-    """Parse one frame; raises :class:`ProtocolError` on anything but a well-formed v1 frame."""
-    r = _Reader(data)
+def decode(
+    data: bytes | bytearray | memoryview, shared: RingVector | None = None
+) -> Request | Response:
+    """Parse one frame; raises :class:`ProtocolError` on anything but a well-formed v1 frame.
+
+    ``shared``: the connection's shared output region (a released vector may be there)."""
+    r = _Reader(data, shared)
     if bytes(r._take(4)) != _MAGIC:
         raise ProtocolError("not an enclave message (bad magic)")
     version = r.u8()

@@ -54,6 +54,41 @@ class FederatedLearningStub:
                 request_serializer=asyncfl_dot_v1_dot_service__pb2.StatusRequest.SerializeToString,
                 response_deserializer=asyncfl_dot_v1_dot_service__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Locate = channel.unary_unary(
+                '/asyncfl.v1.FederatedLearning/Locate',
+                request_serializer=asyncfl_dot_v1_dot_service__pb2.LocateRequest.SerializeToString,
+                response_deserializer=asyncfl_dot_v1_dot_service__pb2.LocateResponse.FromString,
+                _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/asyncfl.v1.FederatedLearning/SecAgg',
+                request_serializer=asyncfl_dot_v1_dot_service__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=asyncfl_dot_v1_dot_service__pb2.SecAggResponse.FromString,
+                _registered_method=True)
+        self.SecAggMaskedInput = channel.stream_unary(
+                '/asyncfl.v1.FederatedLearning/SecAggMaskedInput',
+                request_serializer=asyncfl_dot_v1_dot_service__pb2.SecAggInputChunk.SerializeToString,
+                response_deserializer=asyncfl_dot_v1_dot_service__pb2.SecAggResponse.FromString,
+                _registered_method=True)
+        self.LightSecAggRegister = channel.unary_unary(
+                '/asyncfl.v1.FederatedLearning/LightSecAggRegister',
+                request_serializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggRegisterRequest.SerializeToString,
+                response_deserializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggGroup.FromString,
+                _registered_method=True)
+        self.LightSecAggPoll = channel.unary_stream(
+                '/asyncfl.v1.FederatedLearning/LightSecAggPoll',
+                request_serializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggPollRequest.SerializeToString,
+                response_deserializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggMailboxItem.FromString,
+                _registered_method=True)
+        self.LightSecAggAnswer = channel.unary_unary(
+                '/asyncfl.v1.FederatedLearning/LightSecAggAnswer',
+                request_serializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggAnswerRequest.SerializeToString,
+                response_deserializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggAnswerResponse.FromString,
+                _registered_method=True)
+        self.LightSecAggUpload = channel.stream_unary(
+                '/asyncfl.v1.FederatedLearning/LightSecAggUpload',
+                request_serializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggUploadChunk.SerializeToString,
+                response_deserializer=asyncfl_dot_v1_dot_service__pb2.UploadResponse.FromString,
+                _registered_method=True)
 
 
 class FederatedLearningServicer:
@@ -87,6 +122,66 @@ class FederatedLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Locate(self, request, context):
+        """Where a task is served now (roles in separate processes: after its aggregator moved, a
+        client asks the selector again before retrying its upload with the same upload id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAgg(self, request, context):
+        """secure_aggregation secagg / secagg+ (FedAvg): one call per protocol step of a round:
+        join (after training), advertise keys, share keys, unmask, or poll for the next server
+        message. The answer waits a few seconds for the step's stage to close, else says
+        retry_after_s (poll again). A retried request identical to one received is a poll.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggMaskedInput(self, request_iterator, context):
+        """secagg / secagg+: the masked input (stage 2): a header, then the ring elements in
+        chunks (client streaming); answered like SecAgg.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LightSecAggRegister(self, request, context):
+        """secure_aggregation lightsecagg (FedBuff without a TEE; So et al. 2021/2022): register
+        this device's X25519 public key with the task's group (identity from the token: a client
+        registers only its own key; a different key for the same client is refused). The answer
+        has the group's parameters and, once every member registered, the key directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LightSecAggPoll(self, request, context):
+        """lightsecagg: acknowledge the mailbox items up to after_seq, then receive the rest in
+        order (server streaming): encrypted mask shares of other members' contributions, and
+        requests for this device's aggregated share of a closed buffer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LightSecAggAnswer(self, request, context):
+        """lightsecagg: this device's aggregated share for a closed buffer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LightSecAggUpload(self, request_iterator, context):
+        """lightsecagg: one contribution: a header, the N - 1 encrypted coded mask shares (one per
+        message), then the masked field vector x + z mod p in chunks (client streaming).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederatedLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +204,41 @@ def add_FederatedLearningServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=asyncfl_dot_v1_dot_service__pb2.StatusRequest.FromString,
                     response_serializer=asyncfl_dot_v1_dot_service__pb2.StatusResponse.SerializeToString,
+            ),
+            'Locate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Locate,
+                    request_deserializer=asyncfl_dot_v1_dot_service__pb2.LocateRequest.FromString,
+                    response_serializer=asyncfl_dot_v1_dot_service__pb2.LocateResponse.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=asyncfl_dot_v1_dot_service__pb2.SecAggRequest.FromString,
+                    response_serializer=asyncfl_dot_v1_dot_service__pb2.SecAggResponse.SerializeToString,
+            ),
+            'SecAggMaskedInput': grpc.stream_unary_rpc_method_handler(
+                    servicer.SecAggMaskedInput,
+                    request_deserializer=asyncfl_dot_v1_dot_service__pb2.SecAggInputChunk.FromString,
+                    response_serializer=asyncfl_dot_v1_dot_service__pb2.SecAggResponse.SerializeToString,
+            ),
+            'LightSecAggRegister': grpc.unary_unary_rpc_method_handler(
+                    servicer.LightSecAggRegister,
+                    request_deserializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggRegisterRequest.FromString,
+                    response_serializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggGroup.SerializeToString,
+            ),
+            'LightSecAggPoll': grpc.unary_stream_rpc_method_handler(
+                    servicer.LightSecAggPoll,
+                    request_deserializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggPollRequest.FromString,
+                    response_serializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggMailboxItem.SerializeToString,
+            ),
+            'LightSecAggAnswer': grpc.unary_unary_rpc_method_handler(
+                    servicer.LightSecAggAnswer,
+                    request_deserializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggAnswerRequest.FromString,
+                    response_serializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggAnswerResponse.SerializeToString,
+            ),
+            'LightSecAggUpload': grpc.stream_unary_rpc_method_handler(
+                    servicer.LightSecAggUpload,
+                    request_deserializer=asyncfl_dot_v1_dot_service__pb2.LightSecAggUploadChunk.FromString,
+                    response_serializer=asyncfl_dot_v1_dot_service__pb2.UploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +349,195 @@ class FederatedLearning:
             '/asyncfl.v1.FederatedLearning/Status',
             asyncfl_dot_v1_dot_service__pb2.StatusRequest.SerializeToString,
             asyncfl_dot_v1_dot_service__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Locate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncfl.v1.FederatedLearning/Locate',
+            asyncfl_dot_v1_dot_service__pb2.LocateRequest.SerializeToString,
+            asyncfl_dot_v1_dot_service__pb2.LocateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncfl.v1.FederatedLearning/SecAgg',
+            asyncfl_dot_v1_dot_service__pb2.SecAggRequest.SerializeToString,
+            asyncfl_dot_v1_dot_service__pb2.SecAggResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggMaskedInput(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/asyncfl.v1.FederatedLearning/SecAggMaskedInput',
+            asyncfl_dot_v1_dot_service__pb2.SecAggInputChunk.SerializeToString,
+            asyncfl_dot_v1_dot_service__pb2.SecAggResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LightSecAggRegister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncfl.v1.FederatedLearning/LightSecAggRegister',
+            asyncfl_dot_v1_dot_service__pb2.LightSecAggRegisterRequest.SerializeToString,
+            asyncfl_dot_v1_dot_service__pb2.LightSecAggGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LightSecAggPoll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/asyncfl.v1.FederatedLearning/LightSecAggPoll',
+            asyncfl_dot_v1_dot_service__pb2.LightSecAggPollRequest.SerializeToString,
+            asyncfl_dot_v1_dot_service__pb2.LightSecAggMailboxItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LightSecAggAnswer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncfl.v1.FederatedLearning/LightSecAggAnswer',
+            asyncfl_dot_v1_dot_service__pb2.LightSecAggAnswerRequest.SerializeToString,
+            asyncfl_dot_v1_dot_service__pb2.LightSecAggAnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LightSecAggUpload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/asyncfl.v1.FederatedLearning/LightSecAggUpload',
+            asyncfl_dot_v1_dot_service__pb2.LightSecAggUploadChunk.SerializeToString,
+            asyncfl_dot_v1_dot_service__pb2.UploadResponse.FromString,
             options,
             channel_credentials,
             insecure,
