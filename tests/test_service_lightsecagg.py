@@ -424,3 +424,29 @@ def test_config_refuses_unsupported_lightsecagg_combinations() -> None:
         build_config(TaskConfig, {**_task(), "secure_aggregation": {"mode": "lightsecagg"}})
     with pytest.raises(ConfigError, match=r"algorithm\.name"):
         build_config(TaskConfig, {**_task(), "algorithm": {"name": "fedasync"}})
+
+
+def test_a_device_in_the_open_buffer_is_held_until_it_closes(tmp_path: Path) -> None:
+    """The lease rule's input (``TaskRuntime.buffer_holds``, asked by the coordinator before
+    it leases): true exactly while the device's contribution is in the OPEN buffer, whose
+    second one from it would be refused ``duplicate_client``; a closed buffer waiting for
+    answers holds nobody back."""
+    rt, store = _runtime(tmp_path)
+    try:
+        dev = Devices(rt)
+        dev.register()
+        assert not any(rt.buffer_holds(c) for c in range(N))
+        dev.upload(0, _delta(0, 0))
+        assert rt.buffer_holds(0) and not rt.buffer_holds(1)
+        dup = rt.submit_many([dev.body(0, _delta(0, 1), 0)])[0]
+        assert isinstance(dup, ServiceError) and dup.reason == "duplicate_client"
+        dev.upload(1, _delta(1, 0))
+        assert rt.buffer_holds(0) and rt.buffer_holds(1)
+        dev.upload(2, _delta(2, 0))  # K: the buffer closes, awaiting answers
+        assert rt.lsa is not None and rt.lsa.awaiting and rt.version == 0
+        assert not any(rt.buffer_holds(c) for c in range(N))
+        dev.upload(0, _delta(0, 2))  # device 0 fills the next buffer meanwhile
+        assert rt.buffer_holds(0)
+    finally:
+        rt.close()
+        store.close()

@@ -102,6 +102,12 @@ class LightSecAggFedBuff(Aggregator):
     def buffered(self) -> int:
         return self.server.buffered
 
+    def has_buffered(self, client_id: int) -> bool:
+        """Whether ``client_id`` has a contribution in the open buffer: another one from it
+        is refused ``duplicate_client`` until that buffer closes, so a driver should not have
+        it train before then."""
+        return client_id in self._clients
+
     def error_bound(self, example_total: int) -> float:
         """Per-coordinate bound on ``|g - g_plain|`` of a step with ``example_total``."""
         scale = 1 << self.weight_bits

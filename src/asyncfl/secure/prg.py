@@ -38,9 +38,11 @@ __all__ = ["SEED_BYTES", "MaskExpander"]
 SEED_BYTES = 32
 _NONCE = bytes(16)
 _AES_BLOCK = 16
-# Elements per accumulation chunk: 256 KiB (uint32) or 512 KiB (uint64) of keystream stay in
-# the L2 cache between being generated, scaled and added; ~0.05 ms of work per chunk.
-_CHUNK = 1 << 16
+# Elements per accumulation chunk: 1 MiB (uint32) or 2 MiB (uint64) of keystream stay in the
+# cache between being generated, scaled and added, and each chunk is ~0.15-0.3 ms of work (an
+# enclave answers a request within that). Measured on a 2-core EPYC VM: 2^18 as fast as one
+# whole-vector pass, and 2^16 ~10% slower (per-call overhead).
+_CHUNK = 1 << 18
 
 
 class MaskExpander:

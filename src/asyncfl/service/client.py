@@ -27,7 +27,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -493,10 +493,16 @@ class _Session:
                 self.failures = 0
                 return UploadRecord(upload_id, version, _reason(err), attempts)
 
-    async def lightsecagg(self, task_ids: Sequence[str]) -> None:
-        """lightsecagg groups this client belongs to: register, poll, answer."""
+    async def lightsecagg(self, task_ids: Sequence[str], addresses: Mapping[str, str]) -> None:
+        """lightsecagg groups this client belongs to: register, poll, answer, each at the
+        aggregator ``addresses`` names for the task (none: the server checked in at)."""
         try:
-            await self.lsa.serve(self.stub, self.md, task_ids, self.o.rpc_timeout_s)
+            await self.lsa.serve(
+                lambda t: self._data_stub(addresses.get(t, "")),
+                self.md,
+                task_ids,
+                self.o.rpc_timeout_s,
+            )
         except grpc.aio.AioRpcError as err:
             raise ClientError(f"lightsecagg refused: {err.code().name}") from err
         except LightSecAggError as exc:
@@ -525,7 +531,7 @@ class _Session:
                 r.done = True
                 break
             if resp.lightsecagg_tasks:
-                await self.lightsecagg(resp.lightsecagg_tasks)
+                await self.lightsecagg(resp.lightsecagg_tasks, resp.lightsecagg_addresses)
                 if (
                     kind == "assignment"
                     and not self.lsa.ready(resp.assignment.task_id)

@@ -264,6 +264,11 @@ class Coordinator:
         rt = t.runtime
         if rt.lsa is not None and not rt.lsa.can_assign(client_id):
             return None  # lightsecagg: members only, once every member registered its key
+        if rt.buffer_holds(client_id):
+            # tee / lightsecagg: its next update would be refused duplicate_client until this
+            # buffer is released, so the device would train for nothing; it checks in again.
+            # (Read without the task lock: a stale answer only delays it by one check-in.)
+            return None
         lease = self.secret.sign_lease(t.cfg.id, client_id, rt.version, self._wall())
         if not t.slots.try_take(lease, rt.version, now, t.cfg.lease_timeout_s):
             return None

@@ -1,7 +1,9 @@
 """The device side of ``secure_aggregation: lightsecagg`` tasks (So et al. 2021; MLSys 2022).
 
 A device belongs to a task's group when the server lists the task in a check-in answer
-(``lightsecagg_tasks``). On every check-in it then, for each such task:
+(``lightsecagg_tasks``). On every check-in it then, for each such task, at the server that
+serves the task's group (``lightsecagg_addresses``: with roles in separate processes, the
+task's aggregator; otherwise the server checked in at):
 
 1. registers its X25519 public key (made on first sight of the task, kept for the life of
    this process) until the answer carries the complete key directory, then builds its
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -97,16 +99,19 @@ class LightSecAggDevice:
 
     async def serve(
         self,
-        stub: pb_grpc.FederatedLearningStub,
+        stub_for: Callable[[str], pb_grpc.FederatedLearningStub],
         metadata: Sequence[tuple[str, str]],
         task_ids: Sequence[str],
         timeout_s: float,
     ) -> None:
-        """Register, poll and answer for each task (one check-in's worth). Transient RPC
-        failures are left for the next check-in; raises :class:`LightSecAggError` when the
-        device must not take part, ``grpc.aio.AioRpcError`` on bad credentials."""
+        """Register, poll and answer for each task (one check-in's worth) at ``stub_for(task)``
+        (the server serving the task's group: with roles in separate processes, its
+        aggregator). Transient RPC failures are left for the next check-in; raises
+        :class:`LightSecAggError` when the device must not take part,
+        ``grpc.aio.AioRpcError`` on bad credentials."""
         for task_id in task_ids:
             try:
+                stub = stub_for(task_id)
                 t = self._tasks.get(task_id)
                 if t is None:
                     t = self._tasks[task_id] = _Task(KeyPair.generate())

@@ -84,6 +84,7 @@ __all__ = [
     "LightSecAggUpload",
     "MailboxItem",
     "group_params",
+    "in_group",
 ]
 
 CIPHERTEXT_OVERHEAD = crypto.NONCE_BYTES + 16
@@ -101,6 +102,14 @@ def group_params(cfg: TaskConfig, dim: int) -> LightSecAggParams:
         dim,
         min_contributions=alg.buffer_size,
     )
+
+
+def in_group(cfg: TaskConfig, client_id: int) -> bool:
+    """Whether ``client_id`` belongs to lightsecagg task ``cfg``'s group (ids ``0..N-1``).
+    Known from the config alone, so a selector process, which holds no task state, can list a
+    device's groups at check-in."""
+    n = cfg.population
+    return cfg.secure_aggregation.mode == "lightsecagg" and n is not None and 0 <= client_id < n
 
 
 class KeyStore:

@@ -6,7 +6,12 @@ to answer), applies the eligibility and rate-limit checks of ``selector.py``, an
 task's aggregator for the client's lease (``AcquireLease``): the owner alone counts the
 task's slots, so the concurrency target and a FedAvg cohort hold however many selectors run.
 The assignment it returns names the aggregator (``aggregator_address``); the client downloads
-from and uploads to that aggregator directly, so no model or update passes through here.
+from and uploads to that aggregator directly, so no model or update passes through here. The
+secure modes' protocol traffic goes there as well: a SecAgg round's stages (the assignment
+names the aggregator), and the LightSecAgg registration, mailbox polls and answers of the
+groups a check-in lists with their aggregators (``lightsecagg_addresses``; membership is
+known from the config alone). Whether a TEE or LightSecAgg buffer already holds the client's
+update is decided by the owner when it grants the lease, like the slots.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import grpc
 from asyncfl.service.auth import Secret, principal_of
 from asyncfl.service.config import ServiceConfig
 from asyncfl.service.errors import ServiceError
+from asyncfl.service.lightsecagg_task import in_group
 from asyncfl.service.proto.asyncfl.v1 import internal_pb2 as ipb
 from asyncfl.service.proto.asyncfl.v1 import internal_pb2_grpc as ipb_grpc
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
@@ -213,9 +219,29 @@ class SelectorServicer(pb_grpc.FederatedLearningServicer):
         except Exception:
             log.exception("check-in failed")
             await _fail(context, ServiceError("internal"))
+        groups = self.groups(client)
         if a is None:
-            return pb.CheckInResponse(retry_after_s=self.cfg.selector.retry_after_s)
-        return pb.CheckInResponse(assignment=a)
+            return pb.CheckInResponse(
+                retry_after_s=self.cfg.selector.retry_after_s,
+                lightsecagg_tasks=list(groups),
+                lightsecagg_addresses=groups,
+            )
+        return pb.CheckInResponse(
+            assignment=a, lightsecagg_tasks=list(groups), lightsecagg_addresses=groups
+        )
+
+    def groups(self, client_id: int) -> dict[str, str]:
+        """The unfinished lightsecagg tasks whose group ``client_id`` belongs to, each with
+        the aggregator the device registers, polls and answers at (the selector relays none
+        of that traffic). A task without a live aggregator is left out until it has one."""
+        out = {}
+        for t in self.cfg.tasks:
+            if t.id in self.finished or not in_group(t, client_id):
+                continue
+            route = self.routes.get(t.id)
+            if route is not None and route.address:
+                out[t.id] = route.address
+        return out
 
     async def Locate(self, request: pb.LocateRequest, context: Context) -> pb.LocateResponse:
         try:
@@ -243,6 +269,38 @@ class SelectorServicer(pb_grpc.FederatedLearningServicer):
         self, request_iterator: AsyncIterator[pb.UploadChunk], context: Context
     ) -> pb.UploadResponse:
         await _fail(context, ServiceError("task_moved", "upload at the selector"))
+
+    # The secure protocols' traffic goes to the task's aggregator too (Assignment and
+    # CheckInResponse.lightsecagg_addresses name it): a device that sends it here is told to
+    # ask where the task is, never served from a stale copy.
+    async def SecAgg(self, request: pb.SecAggRequest, context: Context) -> pb.SecAggResponse:
+        await _fail(context, ServiceError("task_moved", "secagg step at the selector"))
+
+    async def SecAggMaskedInput(
+        self, request_iterator: AsyncIterator[pb.SecAggInputChunk], context: Context
+    ) -> pb.SecAggResponse:
+        await _fail(context, ServiceError("task_moved", "secagg input at the selector"))
+
+    async def LightSecAggRegister(
+        self, request: pb.LightSecAggRegisterRequest, context: Context
+    ) -> pb.LightSecAggGroup:
+        await _fail(context, ServiceError("task_moved", "lightsecagg register at the selector"))
+
+    async def LightSecAggPoll(
+        self, request: pb.LightSecAggPollRequest, context: Context
+    ) -> AsyncIterator[pb.LightSecAggMailboxItem]:
+        await _fail(context, ServiceError("task_moved", "lightsecagg poll at the selector"))
+        yield pb.LightSecAggMailboxItem()  # pragma: no cover - _fail raises
+
+    async def LightSecAggAnswer(
+        self, request: pb.LightSecAggAnswerRequest, context: Context
+    ) -> pb.LightSecAggAnswerResponse:
+        await _fail(context, ServiceError("task_moved", "lightsecagg answer at the selector"))
+
+    async def LightSecAggUpload(
+        self, request_iterator: AsyncIterator[pb.LightSecAggUploadChunk], context: Context
+    ) -> pb.UploadResponse:
+        await _fail(context, ServiceError("task_moved", "lightsecagg upload at the selector"))
 
     # -- operator view ----------------------------------------------------------------------
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:

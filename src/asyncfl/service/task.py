@@ -140,6 +140,19 @@ class TaskRuntime:
     def sync(self) -> bool:
         return isinstance(self.agg, FedAvg)
 
+    def buffer_holds(self, client_id: int) -> bool:
+        """Whether ``client_id``'s update waits in the buffer that is filling now, where a
+        second one from it would be refused ``duplicate_client`` (the TEE and LightSecAgg
+        buffers take K distinct clients). Always False for the other modes."""
+        # Called on the event loop while a worker thread may rebuild the task (recover()):
+        # read each reference once.
+        tee, lsa = self.tee, self.lsa
+        if tee is not None:
+            return tee.agg.has_buffered(client_id)
+        if lsa is not None:
+            return lsa.agg.has_buffered(client_id)
+        return False
+
     def params(self) -> FloatVector:
         """The current model. The aggregator replaces (never mutates) its vector on a step, so
         this reference stays a consistent snapshot of its version while it streams."""

@@ -10,9 +10,9 @@ request, answered by one response frame; an empty frame or a closed socket ends 
 Scheduling: requests come first. The deferred mask work of answered registrations
 (:meth:`~asyncfl.secure.tee.enclave.SecureBufferEnclave.work`) runs one chunk at a time
 while no request is waiting, so a registration is answered within about one chunk's time
-(~0.05-0.1 ms) even when many masks are queued, and the masks are expanded on this process's
-own core while the aggregator adds the masked uploads on its. A release completes the queue
-before it answers.
+(~0.15-0.3 ms at most) even when many masks are queued, and the masks are expanded on this
+process's own core while the aggregator adds the masked uploads on its. Requests that arrived
+together are answered with one send. A release completes the queue before it answers.
 """
 
 from __future__ import annotations

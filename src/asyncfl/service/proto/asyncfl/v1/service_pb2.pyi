@@ -92,16 +92,25 @@ class SealedSeed(_message.Message):
     def __init__(self, update_id: _Optional[bytes] = ..., ephemeral_public: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class CheckInResponse(_message.Message):
-    __slots__ = ("assignment", "retry_after_s", "done", "lightsecagg_tasks")
+    __slots__ = ("assignment", "retry_after_s", "done", "lightsecagg_tasks", "lightsecagg_addresses")
+    class LightsecaggAddressesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     LIGHTSECAGG_TASKS_FIELD_NUMBER: _ClassVar[int]
+    LIGHTSECAGG_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
     retry_after_s: float
     done: bool
     lightsecagg_tasks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., retry_after_s: _Optional[float] = ..., done: _Optional[bool] = ..., lightsecagg_tasks: _Optional[_Iterable[str]] = ...) -> None: ...
+    lightsecagg_addresses: _containers.ScalarMap[str, str]
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., retry_after_s: _Optional[float] = ..., done: _Optional[bool] = ..., lightsecagg_tasks: _Optional[_Iterable[str]] = ..., lightsecagg_addresses: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("task_id",)
