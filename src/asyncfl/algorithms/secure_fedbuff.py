@@ -34,12 +34,14 @@ whose ``noise_std`` is not the configured one is never used (the buffer is disca
 
 Cost per arrival: the aggregator multiply-adds the masked upload into its accumulator (in
 cache-sized chunks, so the product never exists at full size; a plain add when the integer
-weight is 1) while the enclave opens the seed (:meth:`EnclaveBackend.call_overlapped`). The
-add is made before the enclave's answer and subtracted again if the enclave refuses: ring
-arithmetic is exactly invertible, so a refused upload still leaves the accumulator
-unchanged. The enclave expands and adds the mask after it has answered, on its own core when
-it runs in its own process, so the aggregator waits per arrival only for the seed to be
-opened; the release waits for the enclave's queued mask work.
+weight is 1) while the enclave opens the seed (:meth:`EnclaveBackend.call_overlapped`); in a
+ring below the storage width (2^62 in uint64) the add comes first, fused with the check that
+every element is below 2^k (one pass over the upload instead of two). The add is made before
+the enclave's answer and subtracted again if the enclave refuses: ring arithmetic is exactly
+invertible, so a refused upload still leaves the accumulator unchanged. The enclave expands
+and adds the mask after it has answered, on its own core when it runs in its own process, so
+the aggregator waits per arrival only for the seed to be opened; the release waits for the
+enclave's queued mask work.
 
 Pipelining (``pipeline > 0``): the aggregator does not wait for the enclave's answer at all;
 up to ``pipeline`` registrations may be unanswered while arrivals go on, and all answers are
