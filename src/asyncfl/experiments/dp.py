@@ -143,7 +143,10 @@ class DPSettings:
 
 
 DP_FULL = DPSettings()
-DP_QUICK = DPSettings(server_steps=10, cohort=50, fedbuff_concurrency=100, eval_every=5)
+DP_QUICK = DPSettings(
+    epsilons=(1.0, 8.0), server_steps=10, cohort=20, fedbuff_concurrency=40, eval_every=5
+)
+"""A few minutes: the two ends of the epsilon range, C = K = 20 (q = 0.019)."""
 DP_TINY = DPSettings(
     epsilons=(4.0,),
     server_steps=3,
