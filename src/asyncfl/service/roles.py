@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from asyncfl.service.server import (
     bind,
     grpc_options,
     run_server,
+    serve_until_signal,
 )
 from asyncfl.service.store import Store
 
@@ -388,19 +388,12 @@ def run_role(cfg: ServiceConfig, role: Role = "all", aggregator_id: str | None =
             raise ValueError(f"several aggregators are configured ({ids}): give --id")
         aggregator_id = ids[0]
 
-    async def main() -> None:
+    async def start() -> RoleHandle:
         if role == "coordinator":
-            handle = await start_coordinator(cfg)
-        elif role == "selector":
-            handle = await start_selector(cfg)
-        else:
-            assert aggregator_id is not None
-            handle = await start_aggregator(cfg, aggregator_id)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await handle.stop(2.0)
+            return await start_coordinator(cfg)
+        if role == "selector":
+            return await start_selector(cfg)
+        assert aggregator_id is not None
+        return await start_aggregator(cfg, aggregator_id)
 
-    asyncio.run(main())
+    serve_until_signal(start)

@@ -14,10 +14,10 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 import numpy as np
@@ -377,11 +377,15 @@ async def start_server(cfg: ServiceConfig) -> ServiceHandle:
     return ServiceHandle(server, coord, port, asyncio.create_task(_tick_forever(coord)))
 
 
-def run_server(cfg: ServiceConfig) -> None:
-    """Serve until SIGINT/SIGTERM (the CLI's ``asyncfl serve``)."""
+class _Stoppable(Protocol):
+    async def stop(self, grace_s: float | None = 1.0) -> None: ...
+
+
+def serve_until_signal(start: Callable[[], Awaitable[_Stoppable]]) -> None:
+    """Start a server with ``start`` and run it until SIGINT/SIGTERM, then stop it gracefully."""
 
     async def main() -> None:
-        handle = await start_server(cfg)
+        handle = await start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -390,3 +394,8 @@ def run_server(cfg: ServiceConfig) -> None:
         await handle.stop(2.0)
 
     asyncio.run(main())
+
+
+def run_server(cfg: ServiceConfig) -> None:
+    """Serve until SIGINT/SIGTERM (the CLI's ``asyncfl serve``)."""
+    serve_until_signal(lambda: start_server(cfg))
