@@ -2,8 +2,9 @@
 
 Usage: .venv/bin/python bench/lightsecagg.py [--quick] [--out docs/benchmarks/lightsecagg.md]
 
-(A separate script rather than a section of ``bench/secure_buffer.py``, which was being
-reworked for speed at the same time; its TEE table is the comparison point.)
+``contribute`` and ``unmask`` drive one buffer through the protocol with per-party timings;
+``bench/secure_buffer.py`` reuses them for its ``lightsecagg`` backend (beside the TEE buffer,
+with the product's T and U). This script keeps its own cases (T = N/4, U = N/2, 6 weight bits).
 
 Per buffer of K contributions from distinct users of a group of N (T = N/4, U = N/2), it
 times: the contributing user (fresh mask, Lagrange-encode N shares, encrypt N - 1, mask the
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +28,107 @@ import numpy as np
 from asyncfl.algorithms.fedbuff import FedBuff, FedBuffConfig
 from asyncfl.algorithms.lightsecagg_fedbuff import LightSecAggFedBuff
 from asyncfl.core.server_opt import ServerOptimizerConfig, make_server_optimizer
-from asyncfl.core.update import Update
+from asyncfl.core.update import FloatVector, Update
 from asyncfl.secure.lightsecagg import (
     FieldCodec,
     LightSecAggGroup,
     LightSecAggParams,
     LightSecAggServer,
+    MaskedUpload,
 )
 from common import write_markdown
+
+
+class Clock:
+    """Wall and this thread's CPU time, summed over the sections timed with ``with``."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+        self._t0 = self._c0 = 0.0
+
+    def __enter__(self) -> Clock:
+        self._t0, self._c0 = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._t0
+        self.cpu += time.thread_time() - self._c0
+
+
+@dataclass
+class BufferCost:
+    """One buffer of K contributions through the whole protocol, timed by party."""
+
+    route: Clock = field(default_factory=Clock)
+    """Server: checking and routing each contribution's N - 1 encrypted shares."""
+    server: Clock = field(default_factory=Clock)
+    """Server: K weighted accumulations of masked uploads, then U aggregated shares, the
+    one-shot decoding of the aggregate mask, unmasking and the server step."""
+    client_s: list[float] = field(default_factory=list)
+    """Per contribution: encode, fresh mask, Lagrange-code N shares, encrypt N - 1, mask."""
+    receive_s: list[float] = field(default_factory=list)
+    """Per delivered share: decrypt and keep it (the receiving user)."""
+    answer_s: list[float] = field(default_factory=list)
+    """Per user: its aggregated share of the buffer (every user of the group answers)."""
+    up_bytes: list[int] = field(default_factory=list)
+    """Per contribution: masked upload + encrypted shares, wire bytes."""
+    share_bytes: list[int] = field(default_factory=list)
+    """Per contribution: the encrypted shares alone."""
+
+
+def contribute(
+    agg: LightSecAggFedBuff,
+    group: LightSecAggGroup,
+    deltas: Sequence[FloatVector],
+    base_version: int,
+    rng: np.random.Generator,
+) -> tuple[list[MaskedUpload], BufferCost]:
+    """Users ``0..K-1`` each contribute one delta: their masked uploads, not yet delivered."""
+    cost = BufferCost()
+    ups = []
+    for i, delta in enumerate(deltas):
+        user = group.users[i]
+        t0 = time.perf_counter()
+        msg = user.prepare_mask()
+        x = agg.codec.encode(delta, rng)
+        up = user.upload(msg.contribution, x, base_version=base_version, num_examples=1)
+        cost.client_s.append(time.perf_counter() - t0)
+        cost.up_bytes.append(up.wire_bytes + msg.wire_bytes)
+        cost.share_bytes.append(msg.wire_bytes)
+        with cost.route:
+            routed = agg.route(msg)
+        for j, share in routed.items():
+            t0 = time.perf_counter()
+            group.users[j].on_shares([share])
+            cost.receive_s.append(time.perf_counter() - t0)
+        ups.append(up)
+    return ups, cost
+
+
+def unmask(
+    agg: LightSecAggFedBuff, group: LightSecAggGroup, ups: Sequence[MaskedUpload], cost: BufferCost
+) -> None:
+    """The server buffers ``ups`` (K of them: the buffer closes), every user answers its
+    aggregated share, and the server takes answers until the U-th decodes and steps. The
+    users' answers are computed before the server sees any (the server's time is the same)."""
+    with cost.server:
+        for up in ups:
+            agg.on_masked_update(up)
+        req = agg.take_request()
+    assert req is not None, "the buffer did not close: len(ups) < buffer_size"
+    answers = []
+    for user in reversed(group.users):  # the contributors (the first K) answer last
+        t0 = time.perf_counter()
+        answers.append(user.on_aggregate_request(req))
+        cost.answer_s.append(time.perf_counter() - t0)
+    out = None
+    with cost.server:
+        for answer in answers:
+            out = agg.on_aggregate_share(answer)
+            if out is not None:
+                break
+    assert out is not None and out.step is not None, out
 
 
 def run_case(d: int, n: int, k: int, steps: int) -> dict[str, float]:
@@ -57,47 +153,14 @@ def run_case(d: int, n: int, k: int, steps: int) -> dict[str, float]:
         for i, delta in enumerate(deltas):
             plain.on_update(Update(i, plain.version, 1, delta))
         rows["plain"].append(time.perf_counter() - t0)
-        ups = []
-        for i, delta in enumerate(deltas):
-            user = group.users[i]
-            t0 = time.perf_counter()
-            msg = user.prepare_mask()
-            up = user.upload(
-                msg.contribution,
-                codec.encode(delta, rng),
-                base_version=secure.version,
-                num_examples=1,
-            )
-            rows["mask"].append(time.perf_counter() - t0)
-            rows["up"].append(up.wire_bytes + msg.wire_bytes)
-            rows["share_up"].append(msg.wire_bytes)
-            routed = secure.route(msg)
-            for j, share in routed.items():
-                t0 = time.perf_counter()
-                group.users[j].on_shares([share])
-                if j == n - 1 or (i == n - 1 and j == n - 2):
-                    rows["recv"].append(time.perf_counter() - t0)
-            ups.append(up)
-        server_s = 0.0
-        t0 = time.perf_counter()
-        for up in ups:
-            secure.on_masked_update(up)
-        server_s += time.perf_counter() - t0
-        req = secure.take_request()
-        assert req is not None
-        stepped = False
-        for j in range(n - 1, -1, -1):  # the contributors answer last
-            t0 = time.perf_counter()
-            answer = group.users[j].on_aggregate_request(req)
-            rows["answer"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            out = secure.on_aggregate_share(answer)
-            server_s += time.perf_counter() - t0
-            if out is not None:
-                stepped = out.step is not None
-                break
-        assert stepped
-        rows["server"].append(server_s)
+        ups, cost = contribute(secure, group, deltas, secure.version, rng)
+        unmask(secure, group, ups, cost)
+        rows["server"].append(cost.server.wall)
+        rows["mask"] += cost.client_s
+        rows["recv"] += cost.receive_s
+        rows["answer"] += cost.answer_s
+        rows["up"] += cost.up_bytes
+        rows["share_up"] += cost.share_bytes
     med = {k_: statistics.median(v) for k_, v in rows.items()}
     return med
 
