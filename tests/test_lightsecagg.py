@@ -200,3 +200,21 @@ def test_unmasked_sum_is_the_only_plaintext() -> None:
     assert not np.array_equal(acc, np.full(11, 12))
     res = group.collect(server.close_buffer(), range(7), server.on_aggregate_share)
     assert res is not None and res.total.tolist() == [12] * 11
+
+
+def test_settled_buffer_leaves_no_share_behind_and_cannot_be_aggregated_again() -> None:
+    """Users that were not asked (dropped, or U others answered first) forget their shares
+    of a settled buffer, so memory stays bounded and no contribution is released twice."""
+    group = _group()
+    inputs = [(0, _vec(11, 9), 2), (5, _vec(11, 10), 7)]
+    res = secure_weighted_sum(group, inputs, dropped=[1])  # only 4 of 6 asked users answer
+    assert res is not None and res.total.tolist() == _ref(inputs)
+    assert all(not u.held for u in group.users)  # the asked, the unasked and the dropped
+    cids = res.contributions
+    with pytest.raises(ProtocolError, match="already aggregated"):
+        group.users[6].on_aggregate_request(AggregateRequest(SID, res.buffer_id + 1, cids, (1, 1)))
+    # A failed buffer is settled too: nothing stays held.
+    assert (
+        secure_weighted_sum(group, [(2, _vec(11, 11), 1), (3, _vec(11, 12), 1)], range(4)) is None
+    )
+    assert all(not u.held for u in group.users)

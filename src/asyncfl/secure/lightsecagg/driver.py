@@ -132,7 +132,20 @@ class LightSecAggGroup:
     ) -> R | None:
         """Deliver ``request`` to ``responders`` in order and feed their answers to ``sink``
         until it returns a result. A user that refuses is skipped (counted in ``refusals``).
-        Returns None if the responders run out first."""
+        Returns None if the responders run out first. Either way the buffer is then settled:
+        every user forgets its shares of the request's contributions."""
+        try:
+            return self._collect(request, responders, sink)
+        finally:
+            for user in self.users:
+                user.forget(request.contributions)
+
+    def _collect(
+        self,
+        request: AggregateRequest,
+        responders: Iterable[int],
+        sink: Callable[[AggregateShare], R | None],
+    ) -> R | None:
         st = self.stats
         for j in responders:
             st.bytes_down += request.wire_bytes

@@ -24,7 +24,7 @@ that asks two *disjoint* groups of ``U`` users for different sets (possible when
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -228,6 +228,21 @@ class LightSecAggUser:
             self._used.add(c)
         self._answered.add(req.buffer_id)
         return AggregateShare(self.session_id, req.buffer_id, self.user_id, share)
+
+    def forget(self, contributions: Iterable[ContributionId]) -> int:
+        """The buffer of ``contributions`` is settled (unmasked from other users' answers, or
+        discarded): drop this user's shares of them and refuse to aggregate them ever again.
+
+        Without this, a user that was not asked (it dropped, or ``U`` others answered first)
+        would hold one share per contribution forever, and a later request could fold an
+        already-released contribution into a second sum. Returns how many shares it dropped.
+        """
+        dropped = 0
+        for c in contributions:
+            if self._held.pop(c, None) is not None:
+                dropped += 1
+            self._used.add(c)
+        return dropped
 
     def _check_session(self, session_id: bytes) -> None:
         if session_id != self.session_id:
