@@ -121,23 +121,21 @@ NOTE = [
     "reused masks (the server would learn combinations of updates), more than one enclave "
     "core (plain FedBuff would deserve as many).",
     "",
-    "**LightSecAgg** (the breakdown's last rows). No enclave: the server's whole share runs in "
-    "the aggregator's thread. Per arrival, `LightSecAggServer.on_masked_upload` checks the "
-    "upload and adds `w y mod p` in uint64, a multiply and two reductions mod p per element: "
-    "~0.5 ms at 100k and ~5 ms at 1M, 4-6x plain FedBuff's whole arrival. The two `%` "
-    "passes are most of it (numpy's uint64 remainder is a hardware division; the same "
-    "weighted add without them is the uint64 aggregator row, ~0.8 ms at 1M). Once per step "
-    "the server decodes the aggregate mask from U = 50 aggregated shares, a (U - T) x U matrix "
-    "applied to pieces of d / (U - T) elements (~4 ms at 100k, ~40 ms at 1M). So a step costs "
-    "~8x plain at K = 10, where the decoding is about a third of it, and 5-6x at K = 100, "
-    "where the accumulations dominate. Not done (the product code is unchanged): deferring "
-    "the reduction (w y < 2^46 for these weights, so thousands of uploads fit a uint64 sum "
-    "before one `% p`) would bring the per-arrival cost near that 0.8 ms. The devices pay "
-    "more than the server: a contributing device spends ~17 ms (100k) to ~165 ms (1M) per "
-    "update, ~20x the TEE client, most of it the N x U Lagrange coding of its mask "
-    "(float64 BLAS on 16-bit limbs, one thread here), and sends 4 d (1 + (N - 1) / (U - T)) "
-    "bytes, ~5x the TEE client's 4 d (32-bit ring); every member also decrypts one share per "
-    "other contribution and answers once per buffer (the client ms/buffer column).",
+    "**LightSecAgg** (the breakdown's last rows). No enclave: the server's whole share runs "
+    "in the aggregator's thread. Per arrival, `LightSecAggServer.on_masked_upload` checks "
+    "the upload is in the field and adds `w y` into a uint64 accumulator with no reduction "
+    "(w, y < p < 2^32, so a product fits 64 bits and the running bound is reduced mod p "
+    "only when the next product could overflow, and once at close): ~0.07 ms at 100k and "
+    "~1.3 ms at 1M, about plain FedBuff's whole arrival (until 2026-11-25 it reduced twice "
+    "per element, ~5 ms at 1M). Once per step the server decodes the aggregate mask from U "
+    "= 50 aggregated shares, a (U - T) x U matrix applied to pieces of d / (U - T) elements "
+    "(~4 ms at 100k, ~40 ms at 1M), which now dominates a step at K = 10 (5-6x plain); at K "
+    "= 100 the step is ~2.6x plain at 100k. The devices pay more than the server: a "
+    "contributing device spends ~16 ms (100k) to ~180 ms (1M) per update, ~20x the TEE "
+    "client, most of it the N x U Lagrange coding of its mask (float64 BLAS on 16-bit "
+    "limbs, one thread here), and sends 4 d (1 + (N - 1) / (U - T)) bytes, ~5x the TEE "
+    "client's 4 d (32-bit ring); every member also decrypts one share per other "
+    "contribution and answers once per buffer (the client ms/buffer column).",
 ]
 PIPELINE = 8
 DEFAULT = SecureAggregationConfig()

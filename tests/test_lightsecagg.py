@@ -218,3 +218,12 @@ def test_settled_buffer_leaves_no_share_behind_and_cannot_be_aggregated_again() 
         secure_weighted_sum(group, [(2, _vec(11, 11), 1), (3, _vec(11, 12), 1)], range(4)) is None
     )
     assert all(not u.held for u in group.users)
+
+
+def test_lazy_reduction_with_weights_near_p_matches_the_reference() -> None:
+    """Weights close to p force the accumulator's overflow guard to reduce mid-buffer."""
+    group = _group(k=2)
+    inputs = [(0, _vec(11, 21), P - 2), (3, _vec(11, 22), P - 3), (5, _vec(11, 23), 2**31 + 5)]
+    inputs += [(6, _vec(11, 24), 7), (1, _vec(11, 25), P - 1)]
+    res = secure_weighted_sum(group, inputs, dropped=[2])
+    assert res is not None and res.total.tolist() == _ref(inputs)

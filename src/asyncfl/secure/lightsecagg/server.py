@@ -40,6 +40,7 @@ from asyncfl.secure.lightsecagg.params import LightSecAggParams
 __all__ = ["LightSecAggServer", "UnmaskedSum"]
 
 _P = np.uint64(P)
+_U64 = 1 << 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +57,9 @@ class UnmaskedSum:
 @dataclass
 class _Buffer:
     acc: FieldVector
+    """``sum_c w_c y_c``, reduced modulo p only when needed (see ``on_masked_upload``)."""
+    bound: int = 0
+    """An upper bound on every entry of ``acc``; always < 2^64."""
     contributions: list[ContributionId] = field(default_factory=list)
     weights: list[int] = field(default_factory=list)
     shares: dict[int, FieldVector] = field(default_factory=dict)
@@ -84,6 +88,7 @@ class LightSecAggServer:
         self._shared: set[ContributionId] = set()
         self._uploaded: set[ContributionId] = set()
         self._open = _Buffer(np.zeros(params.dim, dtype=np.uint64))
+        self._scratch = np.empty(params.dim, dtype=np.uint64)
         self._next_id = first_buffer_id
         self._closed: dict[int, _Buffer] = {}
 
@@ -142,13 +147,28 @@ class LightSecAggServer:
             check_field(msg.masked, (self.params.dim,), "masked upload")
         except ValueError as exc:
             raise ProtocolError(str(exc)) from exc
-        # (w y mod p) + acc < 2p < 2^64: one multiply, two reductions, no overflow.
-        acc = self._open.acc
-        acc += msg.masked * np.uint64(weight) % _P
-        acc %= _P
+        # Lazy reduction: y, w < p < 2^32, so w y < 2^64 and the products can be summed
+        # unreduced while the running bound stays below 2^64 (with the small integer weights
+        # of staleness quantisation that is millions of uploads). A modulo on uint64 is a
+        # division per element, ~4x the cost of the multiply-add, so it runs only when the
+        # next product could overflow and once when the buffer closes.
+        buf = self._open
+        top = (P - 1) * weight
+        if buf.bound + top >= _U64:
+            buf.acc %= _P
+            buf.bound = P - 1
+        np.multiply(msg.masked, np.uint64(weight), out=self._scratch)
+        buf.acc += self._scratch
+        buf.bound += top
         self._uploaded.add(cid)
         self._open.contributions.append(cid)
         self._open.weights.append(weight)
+
+    @staticmethod
+    def _reduce(buf: _Buffer) -> None:
+        if buf.bound >= P:
+            buf.acc %= _P
+            buf.bound = P - 1
 
     @property
     def buffered(self) -> int:
@@ -158,6 +178,7 @@ class LightSecAggServer:
     @property
     def masked_sum(self) -> FieldVector:
         """``sum_c w_c y_c`` of the open buffer (read-only view): all the server holds of it."""
+        self._reduce(self._open)
         view = self._open.acc.view()
         view.flags.writeable = False
         return view
@@ -178,6 +199,7 @@ class LightSecAggServer:
         bid = self._next_id
         self._next_id += 1
         buf = self._open
+        self._reduce(buf)
         self._closed[bid] = buf
         self._open = _Buffer(np.zeros(self.params.dim, dtype=np.uint64))
         return AggregateRequest(self.session_id, bid, tuple(buf.contributions), tuple(buf.weights))
