@@ -178,7 +178,11 @@ def test_kill_9_aggregator_then_restart_on_same_storage_finishes_exactly_once(
         assert task_version(tmp_path, "crash") < steps, "the task finished before the kill"
         procs["aggregator"] = _spawn(config, "aggregator", logs["aggregator"])
         _wait_listening({"aggregator": procs["aggregator"]}, ports)
-        _, err = clients.communicate(timeout=60)
+        # 150 s, not 60: once in ~10 loaded full-suite runs every client went silent for
+        # ~55 s after the restart (the aggregator and selector idle, the ledger consistent);
+        # the client's RPC deadline is 60 s, so a hung call recovers within this bound.
+        # Cause not found yet (docs/service.md, "Not yet").
+        _, err = clients.communicate(timeout=150)
         assert clients.returncode == 0, err.decode()[-3000:]
     finally:
         _stop(procs)
