@@ -92,6 +92,22 @@ def test_slots_fast_replacement_and_rounds() -> None:
     assert avg.try_take("c", 1, 0.0, 10.0)  # the next version opens a new round
 
 
+def test_a_client_checking_in_again_ends_its_previous_lease() -> None:
+    """A device checks in only after its previous assignment is over (uploaded, or given up
+    after a failed download): that lease must not hold a slot until it expires."""
+    fb = Slots(capacity=2, sync=False)
+    assert fb.try_take("a1", 0, 0.0, 100.0, client_id=7)
+    assert fb.try_take("b1", 0, 0.0, 100.0, client_id=8)
+    assert not fb.try_take("c1", 0, 1.0, 100.0, client_id=9)  # full
+    assert fb.try_take("a2", 0, 2.0, 100.0, client_id=7)  # 7's download failed: it is back
+    assert set(fb.active) == {"b1", "a2"}
+    fb.release("a1")  # a late release of the replaced lease changes nothing
+    assert set(fb.active) == {"b1", "a2"}
+    assert not fb.try_take("c2", 0, 3.0, 100.0, client_id=9)  # still full: no slot was lost
+    fb.release("a2")
+    assert fb.try_take("c3", 0, 4.0, 100.0, client_id=9)
+
+
 def _task(tmp: Path, **alg: object) -> TaskConfig:
     raw = {
         "auth": {"secret_file": "x"},

@@ -88,6 +88,8 @@ def test_a_duplicate_upload_frees_its_lease_slot(tmp_path: Path) -> None:
     cfg = _config(tmp_path, concurrency=1)
     secret = Secret.from_file(tmp_path / "secret")
     md = bearer_metadata(secret.token("3"))
+    # Another device probes the slot: client 3 checking in again would end its own lease.
+    other = bearer_metadata(secret.token("4"))
 
     async def upload(stub: Any, a: pb.Assignment, upload_id: str) -> None:
         header = pb.UploadHeader(
@@ -117,14 +119,14 @@ def test_a_duplicate_upload_frees_its_lease_slot(tmp_path: Path) -> None:
                 await upload(stub, first.assignment, "u1")
                 second = await stub.CheckIn(req, metadata=md, timeout=10)
                 assert second.WhichOneof("outcome") == "assignment"
-                full = await stub.CheckIn(req, metadata=md, timeout=10)
+                full = await stub.CheckIn(req, metadata=other, timeout=10)
                 assert full.WhichOneof("outcome") == "retry_after_s"  # the one slot is taken
                 try:
                     await upload(stub, second.assignment, "u1")
                     raise AssertionError("a repeated upload id was accepted")
                 except grpc.aio.AioRpcError as err:
                     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
-                third = await stub.CheckIn(req, metadata=md, timeout=10)
+                third = await stub.CheckIn(req, metadata=other, timeout=10)
                 assert third.WhichOneof("outcome") == "assignment"
         finally:
             await h.stop()

@@ -270,7 +270,7 @@ class Coordinator:
             # (Read without the task lock: a stale answer only delays it by one check-in.)
             return None
         lease = self.secret.sign_lease(t.cfg.id, client_id, rt.version, self._wall())
-        if not t.slots.try_take(lease, rt.version, now, t.cfg.lease_timeout_s):
+        if not t.slots.try_take(lease, rt.version, now, t.cfg.lease_timeout_s, client_id):
             return None
         return AssignmentInfo(
             t.cfg.id,

@@ -35,6 +35,10 @@ class Slots:
     round_version: int = -1
     round_selected: int = 0
     round_opened_at: float = 0.0
+    holders: dict[int, str] = field(default_factory=dict)
+    """client id -> its latest lease (async tasks): the device runtime checks in only after
+    it has uploaded or given up on its previous assignment, so a client's new check-in ends
+    its old lease (e.g. after a failed download) instead of holding a slot until expiry."""
 
     def expire(self, now: float) -> int:
         # Runs on every check-in, so it must not scan all Mc leases (1,000 leases x 1,000
@@ -50,9 +54,20 @@ class Slots:
             del self.active[lease]
         return len(dead)
 
-    def try_take(self, lease_id: str, version: int, now: float, timeout_s: float) -> bool:
-        """Reserve a slot for ``lease_id``; False if the task is full."""
+    def try_take(
+        self,
+        lease_id: str,
+        version: int,
+        now: float,
+        timeout_s: float,
+        client_id: int | None = None,
+    ) -> bool:
+        """Reserve a slot for ``lease_id`` (of ``client_id``); False if the task is full."""
         self.expire(now)
+        if not self.sync and client_id is not None:
+            previous = self.holders.pop(client_id, None)
+            if previous is not None:
+                self.active.pop(previous, None)
         if self.sync:
             if version != self.round_version:
                 # A new round: leases of the closed one are void (their uploads are "late").
@@ -66,6 +81,8 @@ class Slots:
         elif len(self.active) >= self.capacity:
             return False
         self.active[lease_id] = now + timeout_s
+        if not self.sync and client_id is not None:
+            self.holders[client_id] = lease_id
         return True
 
     def release(self, lease_id: str) -> None:
