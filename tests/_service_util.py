@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -97,6 +99,33 @@ def start_clients(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def finish_clients(
+    clients: subprocess.Popen[bytes],
+    timeout: float,
+    servers: Sequence[subprocess.Popen[Any]] = (),
+    logs: Sequence[Path] = (),
+) -> tuple[bytes, bytes]:
+    """``clients.communicate(timeout)``; on a timeout, fail with what every process was
+    waiting on: each gets SIGUSR1 (asyncfl.service.diagnostics prints its asyncio tasks to
+    stderr, which for servers is their log), then the client's stderr and each log's tail
+    are in the failure message."""
+    try:
+        return clients.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    for p in (clients, *servers):
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGUSR1)
+    time.sleep(1.5)
+    clients.kill()
+    _, err = clients.communicate()
+    parts = [f"clients still running after {timeout} s; their stderr:", err.decode()[-6000:]]
+    for log in logs:
+        text = log.read_text(errors="replace") if log.exists() else "(no log)"
+        parts += [f"--- tail of {log.name}:", text[-6000:]]
+    raise AssertionError("\n".join(parts))
 
 
 def ledger(tmp: Path) -> sqlite3.Connection:

@@ -117,8 +117,13 @@ def test_tiny_population_matches_a_hand_computation(tiny: Path) -> None:
 
 def test_log_reports_skips_and_never_charging(tiny: Path) -> None:
     lines: list[str] = []
-    load_phone_population(PhonePopulationConfig(path=str(tiny)), 5, np.random.default_rng(0),
-                          Path("/x"), log=lines.append)
+    load_phone_population(
+        PhonePopulationConfig(path=str(tiny)),
+        5,
+        np.random.default_rng(0),
+        Path("/x"),
+        log=lines.append,
+    )
     assert len(lines) == 1
     assert "5 skipped: c, d, g, h, #8" in lines[0] and "1 never charge" in lines[0]
 
@@ -136,8 +141,9 @@ def test_score_map_endpoints_clipping_and_degenerate_anchor() -> None:
 def test_always_availability_changes_only_the_windows(tiny: Path) -> None:
     base = PhonePopulationConfig(path=str(tiny))
     a = load_phone_population(base, 50, np.random.default_rng(1), Path("/x"))
-    b = load_phone_population(replace(base, availability="always"), 50, np.random.default_rng(1),
-                              Path("/x"))
+    b = load_phone_population(
+        replace(base, availability="always"), 50, np.random.default_rng(1), Path("/x")
+    )
     np.testing.assert_array_equal(a.sec_per_example, b.sec_per_example)
     np.testing.assert_array_equal(a.downlink_bps, b.downlink_bps)
     assert b.available(12_345.0).all()
@@ -151,8 +157,9 @@ def test_missing_folder_or_file_raises_data_error(tmp_path: Path) -> None:
         load_phone_population(cfg, 10, np.random.default_rng(0), missing)
     (tmp_path / DEVICES_FILE).write_text(json.dumps(TINY_DEVICES))
     with pytest.raises(DataError, match=PROFILES_FILE):
-        load_phone_population(replace(cfg, path=str(tmp_path)), 10, np.random.default_rng(0),
-                              missing)
+        load_phone_population(
+            replace(cfg, path=str(tmp_path)), 10, np.random.default_rng(0), missing
+        )
     (tmp_path / PROFILES_FILE).write_text("{not json")
     with pytest.raises(DataError, match="cannot read"):
         read_phone_trace(tmp_path)
@@ -174,8 +181,14 @@ def test_config_validation_lists_every_problem_with_relative_paths() -> None:
     )
     paths = [p.path for p in bad.validate()]
     assert paths == [
-        "path", "min_sec_per_example", "max_sec_per_example", "anchor_quantile",
-        "dropout_prob", "bandwidth_jitter", "peak_hour", "spread_hours",
+        "path",
+        "min_sec_per_example",
+        "max_sec_per_example",
+        "anchor_quantile",
+        "dropout_prob",
+        "bandwidth_jitter",
+        "peak_hour",
+        "spread_hours",
     ]
     assert PhonePopulationConfig().validate() == []
     with pytest.raises(ConfigError, match="anchor_quantile"):
@@ -189,8 +202,11 @@ def test_hourly_online_fraction_matches_sampling_available(tiny: Path) -> None:
     length = rng.uniform(0, 1.2, n) * DAY_S  # includes always-online (>= DAY_S) clients
     length[:7] = 0.0
     pop = DevicePopulation(
-        sec_per_example=np.full(n, 0.1), downlink_bps=np.ones(n), uplink_bps=np.ones(n),
-        dropout_prob=np.zeros(n), window_start_s=rng.uniform(0, DAY_S, n),
+        sec_per_example=np.full(n, 0.1),
+        downlink_bps=np.ones(n),
+        uplink_bps=np.ones(n),
+        dropout_prob=np.zeros(n),
+        window_start_s=rng.uniform(0, DAY_S, n),
         window_length_s=length,
     )
     d = describe_population(pop)
@@ -258,8 +274,14 @@ def test_real_sampling_is_deterministic_under_a_seed() -> None:
     a = load_phone_population(cfg, 10_000, np.random.default_rng(42), SHARED)
     b = load_phone_population(cfg, 10_000, np.random.default_rng(42), SHARED)
     c = load_phone_population(cfg, 10_000, np.random.default_rng(43), SHARED)
-    for name in ("sec_per_example", "downlink_bps", "uplink_bps", "window_start_s",
-                 "window_length_s", "speed_score"):
+    for name in (
+        "sec_per_example",
+        "downlink_bps",
+        "uplink_bps",
+        "window_start_s",
+        "window_length_s",
+        "speed_score",
+    ):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert not np.array_equal(a.window_start_s, c.window_start_s)
     # With replacement: 10,000 clients from 995 devices repeat devices.

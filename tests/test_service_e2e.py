@@ -21,6 +21,7 @@ from _service_util import (
     INPUT_SHAPE,
     check_ledger_exactly_once,
     check_secure_ledger_exactly_once,
+    finish_clients,
     free_port,
     start_clients,
     start_server,
@@ -79,7 +80,7 @@ def _run(tmp: Path, task: dict[str, Any], groups: tuple[str, ...]) -> list[dict[
     server = start_server(config, port, tmp / "server.log")
     try:
         for p in procs:
-            out, err = p.communicate(timeout=60)
+            out, err = finish_clients(p, 60, [server], [tmp / "server.log"])
             assert p.returncode == 0, err.decode()[-3000:]
             assert json.loads(out.decode().strip().splitlines()[-1])["clients"] > 0
     finally:

@@ -16,6 +16,7 @@ import yaml
 from _service_util import (
     INPUT_SHAPE,
     check_ledger_exactly_once,
+    finish_clients,
     free_port,
     ledger,
     start_clients,
@@ -62,7 +63,7 @@ def test_kill_9_mid_task_then_restart_completes_exactly_once(tmp_path: Path) -> 
             before = db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
         assert task_version(tmp_path, "crash") < steps, "the task finished before the kill"
         server = start_server(config, port, tmp_path / "server.log")
-        _, err = clients.communicate(timeout=60)
+        _, err = finish_clients(clients, 60, [server], [tmp_path / "server.log"])
         assert clients.returncode == 0, err.decode()[-3000:]
     finally:
         server.kill()
@@ -167,7 +168,7 @@ def test_kill_9_tee_dp_task_mid_task_then_restart_completes_exactly_once(tmp_pat
                 for r in db.execute("SELECT seq FROM updates WHERE status = 'buffered'").fetchall()
             }
         server = start_server(config, port, tmp_path / "server.log")
-        _, err = clients.communicate(timeout=90)
+        _, err = finish_clients(clients, 90, [server], [tmp_path / "server.log"])
         assert clients.returncode == 0, err.decode()[-3000:]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.FederatedLearningStub(ch)  # type: ignore[no-untyped-call]

@@ -26,6 +26,7 @@ from _service_util import (
     INPUT_SHAPE,
     check_ledger_exactly_once,
     check_secure_ledger_exactly_once,
+    finish_clients,
     free_port,
     ledger,
     start_clients,
@@ -124,7 +125,7 @@ def test_separate_role_processes_run_a_fedbuff_task_to_completion(tmp_path: Path
     try:
         _wait_listening(procs, ports)
         for c in clients:
-            out, err = c.communicate(timeout=60)
+            out, err = finish_clients(c, 60, list(procs.values()), list(logs.values()))
             assert c.returncode == 0, err.decode()[-3000:]
             assert json.loads(out.decode().strip().splitlines()[-1])["clients"] == 6
         # Read the owner while the roles still run: at shutdown the aggregator gives its
@@ -181,8 +182,9 @@ def test_kill_9_aggregator_then_restart_on_same_storage_finishes_exactly_once(
         # 150 s, not 60: once in ~10 loaded full-suite runs every client went silent for
         # ~55 s after the restart (the aggregator and selector idle, the ledger consistent);
         # the client's RPC deadline is 60 s, so a hung call recovers within this bound.
-        # Cause not found yet (docs/service.md, "Not yet").
-        _, err = clients.communicate(timeout=150)
+        # Cause not found yet (docs/service.md, "Not yet"); a timeout here reports every
+        # process's asyncio tasks.
+        _, err = finish_clients(clients, 150, list(procs.values()), list(logs.values()))
         assert clients.returncode == 0, err.decode()[-3000:]
     finally:
         _stop(procs)
@@ -233,7 +235,7 @@ def _run_split(
     procs = {r: _spawn(config, r, logs[r]) for r in ("coordinator", "aggregator", "selector")}
     try:
         _wait_listening(procs, ports)
-        _, err = clients.communicate(timeout=90)
+        _, err = finish_clients(clients, 90, list(procs.values()), list(logs.values()))
         assert clients.returncode == 0, err.decode()[-3000:]
         status = _status(tmp, ports["selector"])
     finally:

@@ -723,6 +723,35 @@ def test_a_restart_abandons_the_round_in_flight(tmp_path: Path) -> None:
     assert sorted(c for c, _, _, _ in rows) == [1, 1, 2, 2, 3, 3]
 
 
+def test_a_joiner_of_a_round_that_can_never_start_hears_so_at_once(tmp_path: Path) -> None:
+    """A client waits in a collecting round; the task then finishes (here: marked so, as when
+    its privacy budget is spent). Its next poll is refused with task_finished, not answered
+    "retry" until its lease times out (a stall seen at the end of the end-to-end test)."""
+    cfg = _config(tmp_path, _task("secagg", cohort=3, steps=2))
+    secret = Secret.from_file(tmp_path / "secret")
+
+    async def run() -> None:
+        h = await start_server(cfg)
+        ch, stub = await _stub(h)
+        try:
+            c = _Scripted(stub, secret, 5)
+            await c.check_in()
+            first = await c.call(join=pb.SecAggJoin(num_examples=5))
+            assert first.WhichOneof("outcome") == "retry_after_s"  # 1 of 3 joined
+            h.coordinator.tasks["sa"].runtime.finished = True
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.call(poll=pb.SECAGG_STAGE_JOIN)
+            assert dict(e.value.trailing_metadata() or ())[REASON_KEY] == "task_finished"
+            assert loop.time() - start < 3.0  # no long poll: the round can never start
+        finally:
+            await ch.close()
+            await h.stop()
+
+    asyncio.run(run())
+
+
 def test_distributed_dp_noise_has_the_calibrated_level(tmp_path: Path) -> None:
     """Every device adds N(0, (z C)^2 / m) to its (here: zero) update before masking; the
     released sum of n inputs then has per-coordinate std sqrt(n / m) z C, the aggregator
@@ -1002,6 +1031,7 @@ def test_kill_9_mid_task_abandons_the_round_and_applies_each_round_once(tmp_path
     from _service_util import (
         INPUT_SHAPE,
         check_secure_ledger_exactly_once,
+        finish_clients,
         free_port,
         start_clients,
         task_version,
@@ -1034,7 +1064,7 @@ def test_kill_9_mid_task_abandons_the_round_and_applies_each_round_once(tmp_path
         server.wait(timeout=10)
         assert task_version(tmp_path, "crash") < steps, "the task finished before the kill"
         server = start_server_process(config, port, tmp_path / "server.log")
-        _, err = clients.communicate(timeout=90)
+        _, err = finish_clients(clients, 90, [server], [tmp_path / "server.log"])
         assert clients.returncode == 0, err.decode()[-3000:]
     finally:
         server.kill()

@@ -251,3 +251,58 @@ def test_group_commit_equals_one_by_one(tmp_path: Path) -> None:
         for r in single.store.rows("t")
     ]
     assert commits == {"batch": 2, "single": 5}  # one for the step segment, one for the tail
+
+
+def test_the_task_reads_finished_while_its_last_step_is_persisted(tmp_path: Path) -> None:
+    """The aggregator's version moves before the checkpoint and the ledger commit are written;
+    in that window a check-in must already see the task finished (a lease for the step after
+    the last one led a SecAgg client into a round that could never start)."""
+    cfg = _task(tmp_path)  # buffer 3, 5 steps
+    rt = TaskRuntime(cfg, Store(tmp_path / "l.sqlite"), tmp_path / "ck")
+    seen: list[tuple[int, bool]] = []
+    inner = rt.store.commit
+
+    def watching(*args: object, **kw: object) -> int:
+        if kw.get("step") is not None:
+            seen.append((rt.version, rt.finished))
+        return inner(*args, **kw)  # type: ignore[arg-type]
+
+    rt.store.commit = watching  # type: ignore[method-assign]
+    delta = np.linspace(-0.1, 0.2, rt.dim, dtype=np.float32)
+    for i in range(15):
+        rt.submit(i, f"u{i}", rt.version, 10 + i, delta)
+    assert seen == [(1, False), (2, False), (3, False), (4, False), (5, True)]
+    assert rt.finished
+    with pytest.raises(ServiceError) as done:
+        rt.submit(99, "late", 5, 10, delta)
+    assert done.value.reason == "task_finished"
+
+
+def test_task_dump_shows_the_whole_await_chain() -> None:
+    """``kill -USR1`` diagnostics: the awaited coroutine deep inside a task is named, and the
+    loop's pending timers are listed."""
+    import asyncio
+    import io
+
+    from asyncfl.service.diagnostics import dump_tasks
+
+    async def innermost_wait(ev: asyncio.Event) -> None:
+        await asyncio.wait_for(ev.wait(), 30)
+
+    async def middle(ev: asyncio.Event) -> None:
+        await innermost_wait(ev)
+
+    async def main() -> str:
+        ev = asyncio.Event()
+        task = asyncio.create_task(middle(ev), name="waiter")
+        await asyncio.sleep(0.01)
+        out = io.StringIO()
+        assert dump_tasks(out) >= 2  # main, the waiter (and wait_for's inner task)
+        ev.set()
+        await task
+        return out.getvalue()
+
+    text = asyncio.run(main())
+    waiter = text[text.index("task waiter") : text.index("timers")]
+    assert "in middle" in waiter and "in innermost_wait" in waiter
+    assert "_release_waiter" in text  # wait_for's timeout, 30 s ahead

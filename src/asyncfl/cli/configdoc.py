@@ -100,4 +100,3 @@ def render_config_reference(root: type[Any]) -> str:
             out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {_default(f)} | {meaning} |")
         out.append("")
     return "\n".join(out)
-

@@ -47,6 +47,7 @@ from asyncfl.secure.tee.enclave import EnclaveConfig
 from asyncfl.secure.tee.messages import AttestationReport
 from asyncfl.service.auth import bearer_metadata
 from asyncfl.service.config import is_loopback
+from asyncfl.service.diagnostics import install_task_dump
 from asyncfl.service.errors import REASON_KEY
 from asyncfl.service.lightsecagg_client import (
     LightSecAggBody,
@@ -616,7 +617,9 @@ async def run_client_async(opts: ClientOptions, trainer: Trainer) -> ClientRepor
 async def run_clients_async(
     clients: Sequence[tuple[ClientOptions, Trainer]],
 ) -> list[ClientReport]:
-    """Several clients in one process (one event loop; training runs in worker threads)."""
+    """Several clients in one process (one event loop; training runs in worker threads).
+    ``kill -USR1`` prints every client's task stack to stderr."""
+    install_task_dump()
     return list(await asyncio.gather(*(run_client_async(o, t) for o, t in clients)))
 
 

@@ -228,12 +228,24 @@ class SecAggTask:
         while True:
             async with self._lock:
                 reply = rnd.reply(client, sent)
+                if reply is None and self._stranded(rnd):
+                    self._check_running()  # the task is over: say so
+                    raise ServiceError("round_failed", f"round {rnd.version} can never start")
                 changed = self._changed
             left = until - loop.time()
             if reply is not None or left <= 0:
                 return reply
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), left)
+
+    def _stranded(self, rnd: SecAggRound) -> bool:
+        """``rnd`` is still collecting but can never start: the task finished, or its version
+        is past (its joiners would otherwise poll until their lease times out)."""
+        return (
+            rnd.phase is Phase.COLLECTING
+            and not rnd.terminal
+            and (self.runtime.finished or rnd.version != self.runtime.version)
+        )
 
     # -- closing stages ---------------------------------------------------------------------
     def _notify(self) -> None:

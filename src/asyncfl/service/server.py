@@ -28,6 +28,7 @@ from asyncfl.service import lightsecagg_wire, secagg_wire
 from asyncfl.service.auth import AuthInterceptor, Secret, principal_of
 from asyncfl.service.config import ServerSection, ServiceConfig
 from asyncfl.service.coordinator import AssignmentInfo, Coordinator, TeeHeader, UploadHeaderInfo
+from asyncfl.service.diagnostics import install_task_dump
 from asyncfl.service.errors import REASON_KEY, ServiceError
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
 from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
@@ -385,6 +386,7 @@ def serve_until_signal(start: Callable[[], Awaitable[_Stoppable]]) -> None:
     """Start a server with ``start`` and run it until SIGINT/SIGTERM, then stop it gracefully."""
 
     async def main() -> None:
+        install_task_dump()
         handle = await start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -187,8 +187,7 @@ class Store:
         )
         with self._lock:
             self._db.executescript(
-                OWNERS_DDL
-                + "CREATE TEMP TABLE IF NOT EXISTS fence "
+                OWNERS_DDL + "CREATE TEMP TABLE IF NOT EXISTS fence "
                 "(task_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL);"
                 + "".join(
                     f"CREATE TEMP TRIGGER IF NOT EXISTS fence_{name} BEFORE {op} ON main.{table} "

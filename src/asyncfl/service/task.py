@@ -117,7 +117,7 @@ class TaskRuntime:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.agg: Aggregator
         self.optimizer: ServerOptimizer
-        self.finished = False
+        self._finished = False
         self.budget_spent = False
         """Finished because one more step would exceed the privacy budget."""
         self.dp: DPMechanism | None = None
@@ -131,6 +131,17 @@ class TaskRuntime:
     @property
     def version(self) -> int:
         return self.agg.version
+
+    @property
+    def finished(self) -> bool:
+        """No more steps: the last one is taken (even while it is still being persisted: the
+        aggregator's version moves first, and a check-in in that window must not be handed
+        a lease for a step that will never come), or the task was recorded as finished."""
+        return self._finished or self.agg.version >= self.cfg.max_server_steps
+
+    @finished.setter
+    def finished(self, value: bool) -> None:
+        self._finished = value
 
     @property
     def dim(self) -> int:
