@@ -167,7 +167,7 @@ def test_tee_task_matches_plaintext_and_ledger_holds_only_masked_rows(tmp_path: 
     # of the bound vanishes and only the codec's rounding remains (plus float32 rounding of
     # the two optimizer steps, one ulp each).
     codec = FixedPointCodec(clip=1.0, frac_bits=enclave.frac_bits, ring_bits=enclave.ring_bits)
-    tight = codec.error_bound((1 << 12) * K)
+    tight = codec.error_bound((1 << enclave.weight_bits) * K)
     ulp = float(np.spacing(np.float32(np.abs(plain).max())))
     assert err <= (2 + max(SCALES)) * tight + 2 * STEPS * ulp, (err, tight)
     assert err > 0  # really went through fixed point, not a plaintext path

@@ -83,6 +83,8 @@ def _task(**privacy: Any) -> dict[str, Any]:
             "tee_backend": "inprocess",
             "clip": 1.0,
             "frac_bits": FRAC,
+            # Calibration at exactly this precision (fit_ring32 is tested on its own).
+            "tee_fit_ring32": False,
         },
     }
 

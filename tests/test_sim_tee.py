@@ -164,3 +164,16 @@ def test_config_accepts_tee_with_fixed_clipping_dp_only() -> None:
         secure_aggregation=SecureAggregationConfig(mode="secagg", clip=100.0),
     )
     assert secagg.validate() == []
+
+
+@pytest.mark.parametrize(("fit", "want"), [(True, (32, 20, 9)), (False, (62, 24, 12))])
+def test_tee_fits_the_32_bit_ring_unless_told_not_to(fit: bool, want: tuple[int, ...]) -> None:
+    """K = 3 at f = 24, S = 12 needs 38 bits; by default the simulator lowers the precision
+    until 3 * 2^(f+S) <= 2^31 - 1, i.e. f + S = 29: (20, 9)."""
+    alg = FedBuffConfig(concurrency=6, buffer_size=3)
+    data = synthetic_fedprox(num_clients=N, size_mean=2.5, seed=4)
+    cfg = _cfg(alg, "tee")
+    cfg = replace(cfg, secure_aggregation=replace(cfg.secure_aggregation, tee_fit_ring32=fit))
+    stats = build_simulator(cfg, data=data, population=_pop(N)).run().secure
+    assert stats is not None
+    assert (stats["ring_bits"], stats["frac_bits"], stats["weight_bits"]) == want

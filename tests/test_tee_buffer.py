@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from dataclasses import replace
@@ -728,3 +729,35 @@ def test_dp_release_with_the_wrong_noise_is_never_used(vendor: SimulatedVendor) 
     assert out.step is None and out.discarded == K and agg.version == 0
     np.testing.assert_array_equal(agg.params, x0)
     assert dp.accountant.steps == 1  # type: ignore[attr-defined]  # released, so accounted
+
+
+@pytest.mark.parametrize(
+    ("k", "noise_std", "want"),
+    [
+        # A release fits when K 2^S 2^f (+ the tail 9.42 sigma 2^(f+S)) <= 2^31 - 1 (clip 1).
+        # Bits go from f and S in turn from (24, 12); S stops at 8, then f goes on to 16.
+        (2, 0.0, (20, 9)),  # f + S <= 29
+        (10, 0.0, (19, 8)),  # f + S <= 27
+        (100, 0.0, (16, 8)),  # f + S <= 24
+        (10, 1.0, (18, 8)),  # (10 + 9.42) 2^(f+S) <= 2^31 - 1: f + S <= 26
+        (1000, 0.0, None),  # f + S <= 21 is below the floors: stay in the 2^62 ring
+    ],
+)
+def test_fit_ring32_keeps_the_most_precision_that_fits(
+    k: int, noise_std: float, want: tuple[int, int] | None
+) -> None:
+    from asyncfl.secure.tee.enclave import fit_ring32
+
+    def make(f: int, s: int) -> EnclaveConfig:
+        return EnclaveConfig("t", 8, 32, f, 1.0, s, k, 1 << s, noise_std)
+
+    got = fit_ring32(make, 24, 12)
+    if want is None:
+        assert got is None
+        return
+    assert got is not None and (got.frac_bits, got.weight_bits) == want
+    f, s = want  # one bit more of either would not fit; this one does (plain integers)
+    tail = math.ceil(9.42 * noise_std * 2.0 ** (f + s))
+    assert k * (1 << (f + s)) + tail <= (1 << 31) - 1
+    for more in (f + s + 1,):
+        assert k * (1 << more) + math.ceil(9.42 * noise_std * 2.0**more) > (1 << 31) - 1

@@ -48,7 +48,7 @@ from asyncfl.secure.tee import (
     SubprocessBackend,
 )
 from asyncfl.secure.tee.client import expected_measurement
-from asyncfl.secure.tee.enclave import dp_noise_std, with_smallest_ring
+from asyncfl.secure.tee.enclave import dp_noise_std, fit_ring32, with_smallest_ring
 from asyncfl.service.config import TaskConfig
 
 __all__ = [
@@ -79,13 +79,28 @@ def enclave_config_for(cfg: TaskConfig, dim: int) -> EnclaveConfig:
     alg = cfg.algorithm
     if not isinstance(alg, FedBuffConfig):
         raise ConfigError([ConfigProblem("algorithm.name", alg.name, "fedbuff with tee")])
-    max_weight = 1 << sa.weight_bits
     dp = cfg.privacy
-    noise_std = (
-        dp_noise_std(dp.noise_multiplier, dp.clip_norm, dim=dim, frac_bits=sa.frac_bits)
-        if dp.enabled
-        else 0.0
-    )
+
+    def make(frac_bits: int, weight_bits: int, ring_bits: int) -> EnclaveConfig:
+        noise_std = (
+            dp_noise_std(dp.noise_multiplier, dp.clip_norm, dim=dim, frac_bits=frac_bits)
+            if dp.enabled
+            else 0.0
+        )
+        return EnclaveConfig(
+            task=cfg.id,
+            dim=dim,
+            ring_bits=ring_bits,
+            frac_bits=frac_bits,
+            clip=sa.clip,
+            weight_bits=weight_bits,
+            min_contributions=alg.buffer_size,
+            max_weight=1 << weight_bits,
+            noise_std=noise_std,
+            dp_clip_norm=dp.clip_norm if dp.enabled else 0.0,
+        )
+
+    max_weight = 1 << sa.weight_bits
     problem = ConfigProblem(
         "secure_aggregation.ring_bits",
         sa.ring_bits,
@@ -93,25 +108,17 @@ def enclave_config_for(cfg: TaskConfig, dim: int) -> EnclaveConfig:
         "noise tail; raise ring_bits or lower frac_bits, weight_bits or clip",
     )
     try:
-        ec = EnclaveConfig(
-            task=cfg.id,
-            dim=dim,
-            ring_bits=sa.ring_bits,
-            frac_bits=sa.frac_bits,
-            clip=sa.clip,
-            weight_bits=sa.weight_bits,
-            min_contributions=alg.buffer_size,
-            max_weight=max_weight,
-            noise_std=noise_std,
-            dp_clip_norm=dp.clip_norm if dp.enabled else 0.0,
-        )
+        ec = make(sa.frac_bits, sa.weight_bits, sa.ring_bits)
     except ConfigError as exc:  # the enclave's own ring_bits check: name the task's field
         ring = [p for p in exc.problems if p.path == "ring_bits"]
         other = [p for p in exc.problems if p.path != "ring_bits"]
         raise ConfigError(([problem] if ring else []) + other) from exc
     if ec.weight_budget() < alg.buffer_size * max_weight:
         raise ConfigError([problem])
-    return with_smallest_ring(ec)
+    ec = with_smallest_ring(ec)
+    if sa.tee_fit_ring32 and ec.ring_bits > 32:
+        ec = fit_ring32(lambda f, s: make(f, s, 32), sa.frac_bits, sa.weight_bits) or ec
+    return ec
 
 
 def expected_measurement_for(cfg: TaskConfig, dim: int) -> bytes:
@@ -187,7 +194,7 @@ def build_tee(
     if seeded and noise_seed is None:
         raise ValueError(f"task {cfg.id!r}: privacy.noise_source seeded needs noise_seed")
     ec = enclave_config_for(cfg, int(params.shape[0]))
-    codec = FixedPointCodec(clip=sa.clip, frac_bits=sa.frac_bits, ring_bits=ec.ring_bits)
+    codec = FixedPointCodec(clip=sa.clip, frac_bits=ec.frac_bits, ring_bits=ec.ring_bits)
     seed = noise_seed if seeded else None
     backend: EnclaveBackend = (
         SubprocessBackend(ec, vendor, noise_seed=seed)
@@ -201,7 +208,7 @@ def build_tee(
             optimizer,
             backend=backend,
             codec=codec,
-            weight_bits=sa.weight_bits,
+            weight_bits=ec.weight_bits,
             dp=dp,
             dp_noise_std=ec.noise_std,
             before_release=before_release,

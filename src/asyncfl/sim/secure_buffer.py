@@ -47,7 +47,7 @@ from asyncfl.secure.tee import (
     TeeClient,
     expected_measurement,
 )
-from asyncfl.secure.tee.enclave import dp_noise_std, with_smallest_ring
+from asyncfl.secure.tee.enclave import dp_noise_std, fit_ring32, with_smallest_ring
 from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.secure_rounds import SecureAggregationConfig
 
@@ -63,6 +63,8 @@ class TeeStats:
     releases: int = 0
     max_error_bound: float = 0.0
     ring_bits: int = 0
+    frac_bits: int = 0
+    weight_bits: int = 0
 
     def summary(self, restarts: int) -> dict[str, object]:
         n = max(self.uploads, 1)
@@ -76,6 +78,8 @@ class TeeStats:
             "server_seconds_per_step": self.server_seconds / max(self.releases, 1),
             "decode_error_bound": self.max_error_bound,
             "ring_bits": self.ring_bits,
+            "frac_bits": self.frac_bits,
+            "weight_bits": self.weight_bits,
         }
 
 
@@ -98,26 +102,30 @@ def build_tee_aggregator(
     cannot hold ``K`` contributions of the largest weight (plus the noise tail).
     """
     dim = int(params.shape[0])
-    noise_std = 0.0
-    if dp is not None:
-        if dp.site != "enclave":
-            raise ValueError("build the DPMechanism with site='enclave' for the TEE buffer")
-        noise_std = dp_noise_std(
-            dp.cfg.noise_multiplier, dp.clip_norm, dim=dim, frac_bits=cfg.frac_bits
+    if dp is not None and dp.site != "enclave":
+        raise ValueError("build the DPMechanism with site='enclave' for the TEE buffer")
+
+    def make(frac_bits: int, weight_bits: int, ring_bits: int) -> EnclaveConfig:
+        noise_std = 0.0
+        if dp is not None:
+            noise_std = dp_noise_std(
+                dp.cfg.noise_multiplier, dp.clip_norm, dim=dim, frac_bits=frac_bits
+            )
+        return EnclaveConfig(
+            task=task,
+            dim=dim,
+            ring_bits=ring_bits,
+            frac_bits=frac_bits,
+            clip=cfg.clip,
+            weight_bits=weight_bits,
+            min_contributions=alg.buffer_size,
+            max_weight=(1 << weight_bits) * max(max_example_weight, 1),
+            noise_std=noise_std,
+            dp_clip_norm=0.0 if dp is None else dp.clip_norm,
         )
-    max_weight = (1 << cfg.weight_bits) * max(max_example_weight, 1)
-    enclave_cfg = EnclaveConfig(
-        task=task,
-        dim=dim,
-        ring_bits=cfg.ring_bits,
-        frac_bits=cfg.frac_bits,
-        clip=cfg.clip,
-        weight_bits=cfg.weight_bits,
-        min_contributions=alg.buffer_size,
-        max_weight=max_weight,
-        noise_std=noise_std,
-        dp_clip_norm=0.0 if dp is None else dp.clip_norm,
-    )
+
+    enclave_cfg = make(cfg.frac_bits, cfg.weight_bits, cfg.ring_bits)
+    max_weight = enclave_cfg.max_weight
     if enclave_cfg.weight_budget() < alg.buffer_size * max_weight:
         raise ConfigError(
             [
@@ -132,7 +140,13 @@ def build_tee_aggregator(
             ]
         )
     enclave_cfg = with_smallest_ring(enclave_cfg)
-    codec = FixedPointCodec(clip=cfg.clip, frac_bits=cfg.frac_bits, ring_bits=enclave_cfg.ring_bits)
+    if cfg.tee_fit_ring32 and enclave_cfg.ring_bits > 32:
+        fitted = fit_ring32(lambda f, s: make(f, s, 32), cfg.frac_bits, cfg.weight_bits)
+        enclave_cfg = fitted if fitted is not None else enclave_cfg
+    noise_std = enclave_cfg.noise_std
+    codec = FixedPointCodec(
+        clip=cfg.clip, frac_bits=enclave_cfg.frac_bits, ring_bits=enclave_cfg.ring_bits
+    )
     seeded = dp is not None and dp.cfg.noise_source == "seeded"
     if seeded and noise_seed is None:
         raise ValueError("privacy.noise_source=seeded needs noise_seed")
@@ -152,7 +166,7 @@ def build_tee_aggregator(
         optimizer,
         backend=backend,
         codec=codec,
-        weight_bits=cfg.weight_bits,
+        weight_bits=enclave_cfg.weight_bits,
         mixing_rate=mixing_rate,
         dp=dp,
         dp_noise_std=noise_std,
@@ -166,6 +180,8 @@ def build_tee_aggregator(
     )
     runner = TeeBufferRunner(agg, client, backend)
     runner.stats.ring_bits = enclave_cfg.ring_bits
+    runner.stats.frac_bits = enclave_cfg.frac_bits
+    runner.stats.weight_bits = enclave_cfg.weight_bits
     return agg, runner
 
 

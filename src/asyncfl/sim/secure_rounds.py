@@ -58,6 +58,12 @@ class SecureAggregationConfig:
     """Probability that a participant drops at each protocol stage (simulated)."""
     weight_bits: int = 12
     """tee: staleness weights are quantised to multiples of 2^-weight_bits in the ring."""
+    tee_fit_ring32: bool = True
+    """tee: when a full release (K contributions of the largest weight, plus the DP noise tail)
+    does not fit the 2^32 ring at frac_bits/weight_bits, lower them a bit at a time (to no
+    less than 16 and 8) until it does: half the upload, keystream and memory traffic of the
+    2^62 ring per update, decoding error 2^-frac_bits actually used (reported as ring_bits and
+    frac_bits in the run summary). false: keep frac_bits/weight_bits exact (ring_bits ring)."""
     tee_backend: TeeBackendKind = "inprocess"
     """tee: run the enclave in this process or in its own OS process (subprocess)."""
     lightsecagg_privacy_fraction: float = 0.25

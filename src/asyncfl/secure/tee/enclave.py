@@ -43,7 +43,7 @@ import math
 import os
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -77,7 +77,13 @@ from asyncfl.secure.tee.sealing import SeedContext, open_seed
 if TYPE_CHECKING:
     from asyncfl.privacy.noise import NoiseSource
 
-__all__ = ["EnclaveConfig", "SecureBufferEnclave", "dp_noise_std", "with_smallest_ring"]
+__all__ = [
+    "EnclaveConfig",
+    "SecureBufferEnclave",
+    "dp_noise_std",
+    "fit_ring32",
+    "with_smallest_ring",
+]
 
 _DONE = object()
 # SecureNoise's 64-bit uniforms bound |N(0,1)| by sqrt(128 ln 2) ~= 9.42.
@@ -201,6 +207,48 @@ def with_smallest_ring(config: EnclaveConfig) -> EnclaveConfig:
     except ConfigError:
         return config  # even K weight-1 contributions (or the noise tail) need more bits
     return small if small.weight_budget() >= full else config
+
+
+MIN_FIT_FRAC_BITS = 16
+""":func:`fit_ring32` lowers ``frac_bits`` no further than this (decoding error 2^-16 ~ 1.5e-5
+per coordinate and update, unbiased)."""
+MIN_FIT_WEIGHT_BITS = 8
+""":func:`fit_ring32` lowers ``weight_bits`` no further than this (staleness weights in steps
+of 1/256)."""
+
+
+def fit_ring32(
+    build: Callable[[int, int], EnclaveConfig], frac_bits: int, weight_bits: int
+) -> EnclaveConfig | None:
+    """The most precise config in ``Z_{2^32}`` that holds a full release, else ``None``.
+
+    ``build(f, S)`` makes the config with ``f`` fractional bits and weight quantum ``2^-S`` in
+    the 2^32 ring (the caller recomputes what depends on them: the largest weight, the DP
+    noise std). Starting at the configured ``(frac_bits, weight_bits)``, one bit is taken from
+    each in turn, down to :data:`MIN_FIT_FRAC_BITS` / :data:`MIN_FIT_WEIGHT_BITS` (or the
+    configured values if lower), until K contributions of the largest weight plus the noise
+    tail fit in 31 bits. Why: the 2^32 ring halves the masked uploads, the enclave's AES-CTR
+    keystream and every pass over a ring vector against 2^62 (docs/benchmarks.md, secure
+    buffer); the decoded mean stays within ``2^-f`` of the exact one, and the staleness
+    weights move by at most ``2^-(S+1)``.
+    """
+    f, s = frac_bits, weight_bits
+    lo_f, lo_s = min(MIN_FIT_FRAC_BITS, f), min(MIN_FIT_WEIGHT_BITS, s)
+    take_f = True
+    while True:
+        try:
+            ec = build(f, s)
+        except ConfigError:
+            ec = None  # not even K weight-1 contributions fit: lower the precision further
+        if ec is not None and ec.weight_budget() >= ec.min_contributions * ec.max_weight:
+            return ec
+        if f <= lo_f and s <= lo_s:
+            return None
+        if f > lo_f and (take_f or s <= lo_s):
+            f -= 1
+        else:
+            s -= 1
+        take_f = not take_f
 
 
 def dp_noise_std(noise_multiplier: float, clip_norm: float, *, dim: int, frac_bits: int) -> float:
