@@ -82,7 +82,7 @@ from asyncfl.secure.tee import (
     TeeClient,
     expected_measurement,
 )
-from asyncfl.secure.tee.enclave import fit_ring32, with_smallest_ring
+from asyncfl.secure.tee.enclave import enclave_config_builder, pick_ring
 from asyncfl.secure.tee.sealing import SeedContext, open_seed, seal_seed
 from asyncfl.sim.lightsecagg_buffer import build_lightsecagg_aggregator
 from asyncfl.sim.secure_rounds import SecureAggregationConfig
@@ -236,16 +236,12 @@ class Side(Protocol):
 
 def tee_enclave_config(case: Case) -> EnclaveConfig:
     """The enclave config the product builds for this codec (service: `enclave_config_for`;
-    equal example weights, so the largest weight is 2^S)."""
-
-    def make(f: int, s: int, ring_bits: int) -> EnclaveConfig:
-        return EnclaveConfig("bench", case.dim, ring_bits, f, DEFAULT.clip, s, case.k, 1 << s)
-
-    exact = with_smallest_ring(make(case.frac_bits, case.weight_bits, DEFAULT.ring_bits))
-    if case.codec == "exact" or exact.ring_bits <= 32:
-        return exact
-    fitted = fit_ring32(lambda f, s: make(f, s, 32), case.frac_bits, case.weight_bits)
-    return fitted if fitted is not None else exact
+    equal example weights, so the largest weight is 2^S); "exact" is `tee_fit_ring32: false`."""
+    make = enclave_config_builder(
+        task="bench", dim=case.dim, clip=DEFAULT.clip, min_contributions=case.k
+    )
+    exact = make(case.frac_bits, case.weight_bits, DEFAULT.ring_bits)
+    return pick_ring(make, exact, fit=case.codec != "exact")
 
 
 class TeeSide:

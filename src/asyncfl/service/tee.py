@@ -48,7 +48,7 @@ from asyncfl.secure.tee import (
     SubprocessBackend,
 )
 from asyncfl.secure.tee.client import expected_measurement
-from asyncfl.secure.tee.enclave import dp_noise_std, fit_ring32, with_smallest_ring
+from asyncfl.secure.tee.enclave import enclave_config_builder, pick_ring
 from asyncfl.service.config import TaskConfig
 
 __all__ = [
@@ -81,25 +81,13 @@ def enclave_config_for(cfg: TaskConfig, dim: int) -> EnclaveConfig:
         raise ConfigError([ConfigProblem("algorithm.name", alg.name, "fedbuff with tee")])
     dp = cfg.privacy
 
-    def make(frac_bits: int, weight_bits: int, ring_bits: int) -> EnclaveConfig:
-        noise_std = (
-            dp_noise_std(dp.noise_multiplier, dp.clip_norm, dim=dim, frac_bits=frac_bits)
-            if dp.enabled
-            else 0.0
-        )
-        return EnclaveConfig(
-            task=cfg.id,
-            dim=dim,
-            ring_bits=ring_bits,
-            frac_bits=frac_bits,
-            clip=sa.clip,
-            weight_bits=weight_bits,
-            min_contributions=alg.buffer_size,
-            max_weight=1 << weight_bits,
-            noise_std=noise_std,
-            dp_clip_norm=dp.clip_norm if dp.enabled else 0.0,
-        )
-
+    make = enclave_config_builder(
+        task=cfg.id,
+        dim=dim,
+        clip=sa.clip,
+        min_contributions=alg.buffer_size,
+        dp=(dp.noise_multiplier, dp.clip_norm) if dp.enabled else None,
+    )
     max_weight = 1 << sa.weight_bits
     problem = ConfigProblem(
         "secure_aggregation.ring_bits",
@@ -115,10 +103,7 @@ def enclave_config_for(cfg: TaskConfig, dim: int) -> EnclaveConfig:
         raise ConfigError(([problem] if ring else []) + other) from exc
     if ec.weight_budget() < alg.buffer_size * max_weight:
         raise ConfigError([problem])
-    ec = with_smallest_ring(ec)
-    if sa.tee_fit_ring32 and ec.ring_bits > 32:
-        ec = fit_ring32(lambda f, s: make(f, s, 32), sa.frac_bits, sa.weight_bits) or ec
-    return ec
+    return pick_ring(make, ec, fit=sa.tee_fit_ring32)
 
 
 def expected_measurement_for(cfg: TaskConfig, dim: int) -> bytes:

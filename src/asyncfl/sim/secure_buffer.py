@@ -40,14 +40,13 @@ from asyncfl.privacy.noise import SeededNoise
 from asyncfl.secure.fixedpoint import FixedPointCodec
 from asyncfl.secure.tee import (
     EnclaveBackend,
-    EnclaveConfig,
     InProcessBackend,
     SimulatedVendor,
     SubprocessBackend,
     TeeClient,
     expected_measurement,
 )
-from asyncfl.secure.tee.enclave import dp_noise_std, fit_ring32, with_smallest_ring
+from asyncfl.secure.tee.enclave import enclave_config_builder, pick_ring
 from asyncfl.sim.dp import DPMechanism
 from asyncfl.sim.secure_rounds import SecureAggregationConfig
 
@@ -105,25 +104,14 @@ def build_tee_aggregator(
     if dp is not None and dp.site != "enclave":
         raise ValueError("build the DPMechanism with site='enclave' for the TEE buffer")
 
-    def make(frac_bits: int, weight_bits: int, ring_bits: int) -> EnclaveConfig:
-        noise_std = 0.0
-        if dp is not None:
-            noise_std = dp_noise_std(
-                dp.cfg.noise_multiplier, dp.clip_norm, dim=dim, frac_bits=frac_bits
-            )
-        return EnclaveConfig(
-            task=task,
-            dim=dim,
-            ring_bits=ring_bits,
-            frac_bits=frac_bits,
-            clip=cfg.clip,
-            weight_bits=weight_bits,
-            min_contributions=alg.buffer_size,
-            max_weight=(1 << weight_bits) * max(max_example_weight, 1),
-            noise_std=noise_std,
-            dp_clip_norm=0.0 if dp is None else dp.clip_norm,
-        )
-
+    make = enclave_config_builder(
+        task=task,
+        dim=dim,
+        clip=cfg.clip,
+        min_contributions=alg.buffer_size,
+        max_example_weight=max_example_weight,
+        dp=None if dp is None else (dp.cfg.noise_multiplier, dp.clip_norm),
+    )
     enclave_cfg = make(cfg.frac_bits, cfg.weight_bits, cfg.ring_bits)
     max_weight = enclave_cfg.max_weight
     if enclave_cfg.weight_budget() < alg.buffer_size * max_weight:
@@ -139,10 +127,7 @@ def build_tee_aggregator(
                 )
             ]
         )
-    enclave_cfg = with_smallest_ring(enclave_cfg)
-    if cfg.tee_fit_ring32 and enclave_cfg.ring_bits > 32:
-        fitted = fit_ring32(lambda f, s: make(f, s, 32), cfg.frac_bits, cfg.weight_bits)
-        enclave_cfg = fitted if fitted is not None else enclave_cfg
+    enclave_cfg = pick_ring(make, enclave_cfg, fit=cfg.tee_fit_ring32)
     noise_std = enclave_cfg.noise_std
     codec = FixedPointCodec(
         clip=cfg.clip, frac_bits=enclave_cfg.frac_bits, ring_bits=enclave_cfg.ring_bits

@@ -81,7 +81,9 @@ __all__ = [
     "EnclaveConfig",
     "SecureBufferEnclave",
     "dp_noise_std",
+    "enclave_config_builder",
     "fit_ring32",
+    "pick_ring",
     "with_smallest_ring",
 ]
 
@@ -249,6 +251,53 @@ def fit_ring32(
         else:
             s -= 1
         take_f = not take_f
+
+
+ConfigBuilder = Callable[[int, int, int], EnclaveConfig]
+"""``(frac_bits, weight_bits, ring_bits) -> EnclaveConfig`` of one task."""
+
+
+def enclave_config_builder(
+    *,
+    task: str,
+    dim: int,
+    clip: float,
+    min_contributions: int,
+    max_example_weight: int = 1,
+    dp: tuple[float, float] | None = None,
+) -> ConfigBuilder:
+    """The enclave configs of one task at any precision and ring: the largest weight is
+    ``2^weight_bits x max_example_weight``; with ``dp = (noise_multiplier, clip_norm)`` the
+    noise std is calibrated to each ``frac_bits`` (:func:`dp_noise_std`)."""
+
+    def make(frac_bits: int, weight_bits: int, ring_bits: int) -> EnclaveConfig:
+        return EnclaveConfig(
+            task=task,
+            dim=dim,
+            ring_bits=ring_bits,
+            frac_bits=frac_bits,
+            clip=clip,
+            weight_bits=weight_bits,
+            min_contributions=min_contributions,
+            max_weight=(1 << weight_bits) * max(max_example_weight, 1),
+            noise_std=0.0
+            if dp is None
+            else dp_noise_std(dp[0], dp[1], dim=dim, frac_bits=frac_bits),
+            dp_clip_norm=0.0 if dp is None else dp[1],
+        )
+
+    return make
+
+
+def pick_ring(make: ConfigBuilder, exact: EnclaveConfig, *, fit: bool) -> EnclaveConfig:
+    """The config a task runs with, from its ``exact`` one (configured precision and ring,
+    already checked to hold a full release): the smallest ring at that precision, or with
+    ``fit`` (``tee_fit_ring32``) the most precise config in the 2^32 ring if one exists."""
+    ec = with_smallest_ring(exact)
+    if fit and ec.ring_bits > 32:
+        fitted = fit_ring32(lambda f, s: make(f, s, 32), exact.frac_bits, exact.weight_bits)
+        return fitted if fitted is not None else ec
+    return ec
 
 
 def dp_noise_std(noise_multiplier: float, clip_norm: float, *, dim: int, frac_bits: int) -> float:
