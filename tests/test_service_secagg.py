@@ -669,6 +669,13 @@ def test_a_client_vanishing_after_sharing_keys_does_not_stop_the_round(
         h = await start_server(cfg)
         try:
             reports, _ = await asyncio.gather(_honest(h, secret, honest, max_updates=1), vanish(h))
+            # The operator sees the round and the dropout it survived in Status.
+            ch, stub = await _stub(h)
+            async with ch:
+                md = bearer_metadata(secret.token("operator"))
+                (st,) = (await stub.Status(pb.StatusRequest(), metadata=md)).tasks
+            assert (st.secagg_rounds_applied, st.secagg_rounds_failed) == (1, 0)
+            assert dict(st.secagg_dropouts) == {"MASKED_INPUT": 1}
             return h.coordinator.tasks["sa"].runtime.params().copy(), reports
         finally:
             await h.stop()

@@ -107,6 +107,10 @@ class TaskStats:
     budget_spent: bool = False
     discarded_updates: int = 0
     """Of ``accepted_updates``, those never to be applied (discarded buffers)."""
+    secagg_rounds_applied: int = 0
+    secagg_rounds_failed: int = 0
+    secagg_dropouts: dict[str, int] = field(default_factory=dict)
+    """secagg/secagg+: participants that missed each stage's deadline, by stage name."""
 
 
 @dataclass
@@ -454,6 +458,9 @@ class Coordinator:
                     epsilon_budget=None if dp is None else dp.cfg.epsilon_budget,
                     budget_spent=t.runtime.budget_spent,
                     discarded_updates=t.runtime.discarded_total,
+                    secagg_rounds_applied=0 if t.secagg is None else t.secagg.rounds_applied,
+                    secagg_rounds_failed=0 if t.secagg is None else t.secagg.rounds_failed,
+                    secagg_dropouts={} if t.secagg is None else dict(t.secagg.dropouts),
                 )
             )
         return out

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +106,8 @@ class SecAggTask:
         self._closed = False
         self.rounds_applied = 0
         self.rounds_failed = 0
+        self.dropouts: Counter[str] = Counter()
+        """Participants that missed each stage's deadline, by stage name (all rounds)."""
 
     # -- checks -----------------------------------------------------------------------------
     def _lease(self, client: int, lease_id: str) -> Lease:
@@ -281,6 +283,9 @@ class SecAggTask:
 
     def _after_advance(self, rnd: SecAggRound, before: Phase) -> None:
         extra = {"task": self.cfg.id, "version": rnd.version, "phase": rnd.phase.value}
+        closed = _STAGE_OF_PHASE.get(before)
+        if closed is not None and rnd.dropouts.get(closed, 0):  # counted also if it failed
+            self.dropouts[closed.name] += rnd.dropouts[closed]
         if rnd.phase is Phase.FAILED:
             self._round_failed(rnd)
             return

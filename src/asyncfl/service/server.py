@@ -286,6 +286,9 @@ class Servicer(pb_grpc.FederatedLearningServicer):
                     epsilon_budget=s.epsilon_budget or 0.0,
                     budget_spent=s.budget_spent,
                     discarded_updates=s.discarded_updates,
+                    secagg_rounds_applied=s.secagg_rounds_applied,
+                    secagg_rounds_failed=s.secagg_rounds_failed,
+                    secagg_dropouts=s.secagg_dropouts,
                 )
                 for s in coord.stats()
             ],

@@ -177,8 +177,15 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "algorithm", "model_version", "max_server_steps", "finished", "active_clients", "concurrency_target", "buffered", "accepted_updates", "updates_per_s", "rejected", "dp_enabled", "epsilon", "dp_delta", "epsilon_budget", "budget_spent", "discarded_updates")
+    __slots__ = ("task_id", "algorithm", "model_version", "max_server_steps", "finished", "active_clients", "concurrency_target", "buffered", "accepted_updates", "updates_per_s", "rejected", "dp_enabled", "epsilon", "dp_delta", "epsilon_budget", "budget_spent", "discarded_updates", "secagg_rounds_applied", "secagg_rounds_failed", "secagg_dropouts")
     class RejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class SecaggDropoutsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +209,9 @@ class TaskStatus(_message.Message):
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     BUDGET_SPENT_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_ROUNDS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_ROUNDS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_DROPOUTS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     algorithm: str
     model_version: int
@@ -219,7 +229,10 @@ class TaskStatus(_message.Message):
     epsilon_budget: float
     budget_spent: bool
     discarded_updates: int
-    def __init__(self, task_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., model_version: _Optional[int] = ..., max_server_steps: _Optional[int] = ..., finished: _Optional[bool] = ..., active_clients: _Optional[int] = ..., concurrency_target: _Optional[int] = ..., buffered: _Optional[int] = ..., accepted_updates: _Optional[int] = ..., updates_per_s: _Optional[float] = ..., rejected: _Optional[_Mapping[str, int]] = ..., dp_enabled: _Optional[bool] = ..., epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., budget_spent: _Optional[bool] = ..., discarded_updates: _Optional[int] = ...) -> None: ...
+    secagg_rounds_applied: int
+    secagg_rounds_failed: int
+    secagg_dropouts: _containers.ScalarMap[str, int]
+    def __init__(self, task_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., model_version: _Optional[int] = ..., max_server_steps: _Optional[int] = ..., finished: _Optional[bool] = ..., active_clients: _Optional[int] = ..., concurrency_target: _Optional[int] = ..., buffered: _Optional[int] = ..., accepted_updates: _Optional[int] = ..., updates_per_s: _Optional[float] = ..., rejected: _Optional[_Mapping[str, int]] = ..., dp_enabled: _Optional[bool] = ..., epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., budget_spent: _Optional[bool] = ..., discarded_updates: _Optional[int] = ..., secagg_rounds_applied: _Optional[int] = ..., secagg_rounds_failed: _Optional[int] = ..., secagg_dropouts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("tasks", "uptime_s")
