@@ -218,3 +218,27 @@ def check_secure_ledger_exactly_once(tmp: Path, task: dict[str, Any], participan
     assert final.version == version == agg.version
     np.testing.assert_array_equal(final.params, agg.params)
     return int(version)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (e.g. a server's enclave)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def is_gone(pid: int) -> bool:
+    """Exited (or a zombie nobody has reaped yet: its code no longer runs)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def buffered_rows(tmp: Path) -> int:
+    """Ledger rows accepted but not yet applied or discarded."""
+    with ledger(tmp) as db:
+        return int(
+            db.execute("SELECT COUNT(*) FROM updates WHERE status = 'buffered'").fetchone()[0]
+        )

@@ -15,9 +15,12 @@ import yaml
 
 from _service_util import (
     INPUT_SHAPE,
+    buffered_rows,
     check_ledger_exactly_once,
+    child_pids,
     finish_clients,
     free_port,
+    is_gone,
     ledger,
     start_clients,
     start_server,
@@ -87,28 +90,6 @@ def test_kill_9_mid_task_then_restart_completes_exactly_once(tmp_path: Path) -> 
     assert (tmp_path / "server.log").read_text().count('"task recovered"') >= 2
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _gone(pid: int) -> bool:
-    """Exited (or a zombie nobody has reaped yet: its code no longer runs)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-def _buffered(tmp: Path) -> int:
-    with ledger(tmp) as db:
-        return int(
-            db.execute("SELECT COUNT(*) FROM updates WHERE status = 'buffered'").fetchone()[0]
-        )
-
-
 @pytest.mark.slow
 def test_kill_9_tee_dp_task_mid_task_then_restart_completes_exactly_once(tmp_path: Path) -> None:
     """The same crash for a FedBuff task over the TEE secure buffer (enclave in its own
@@ -144,20 +125,20 @@ def test_kill_9_tee_dp_task_mid_task_then_restart_completes_exactly_once(tmp_pat
         deadline = time.monotonic() + 60
         while True:  # mid-task, with masked updates in the buffer
             assert time.monotonic() < deadline, "no progress before the crash"
-            if task_version(tmp_path, "teecrash") >= 3 and _buffered(tmp_path):
+            if task_version(tmp_path, "teecrash") >= 3 and buffered_rows(tmp_path):
                 # Freeze the server and look again: the buffer may have released between
                 # the read and the kill, and the test needs rows buffered at the kill.
                 server.send_signal(signal.SIGSTOP)
-                if _buffered(tmp_path) and task_version(tmp_path, "teecrash") < steps:
+                if buffered_rows(tmp_path) and task_version(tmp_path, "teecrash") < steps:
                     break
                 server.send_signal(signal.SIGCONT)
             time.sleep(0.02)
-        enclaves = _children(server.pid)
+        enclaves = child_pids(server.pid)
         assert enclaves, "the subprocess enclave is not running"
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)
         gone_by = time.monotonic() + 10
-        while not all(map(_gone, enclaves)):  # it sees its socket close and exits
+        while not all(map(is_gone, enclaves)):  # it sees its socket close and exits
             assert time.monotonic() < gone_by, "the enclave outlived its host"
             time.sleep(0.05)
         killed_at = task_version(tmp_path, "teecrash")

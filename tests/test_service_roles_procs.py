@@ -24,10 +24,13 @@ import yaml
 
 from _service_util import (
     INPUT_SHAPE,
+    buffered_rows,
     check_ledger_exactly_once,
     check_secure_ledger_exactly_once,
+    child_pids,
     finish_clients,
     free_port,
+    is_gone,
     ledger,
     start_clients,
     task_version,
@@ -222,13 +225,7 @@ def _run_split(
     config, ports = _setup(tmp, task)
     extra = list(extra or ())
     if task.get("secure_aggregation", {}).get("mode") == "tee":
-        # The devices' trust anchor, handed out of band (what `asyncfl tee-trust` prints).
-        cfg = build_config(ServiceConfig, yaml.safe_load(config.read_text()))
-        t = cfg.tasks[0]
-        vendor = load_vendor(vendor_key_path(t, Path(cfg.storage.dir)))
-        measurement = expected_measurement_for(t, int(initial_params(t).shape[0]))
-        extra += ["--tee-vendor-public", vendor.public.hex()]
-        extra += ["--tee-measurement", measurement.hex()]
+        extra += _tee_trust(config)
     report = tmp / "uploads.jsonl"
     clients = start_clients(tmp, ports["selector"], ids, report, extra)
     logs = {r: tmp / f"{r}.log" for r in ports}
@@ -244,6 +241,98 @@ def _run_split(
             clients.kill()
     uploads = [json.loads(line) for line in report.read_text().splitlines()]
     return uploads, status, {r: p.read_text() for r, p in logs.items()}
+
+
+def _tee_trust(config: Path) -> list[str]:
+    """The devices' trust anchor, handed out of band (what `asyncfl tee-trust` prints)."""
+    cfg = build_config(ServiceConfig, yaml.safe_load(config.read_text()))
+    t = cfg.tasks[0]
+    vendor = load_vendor(vendor_key_path(t, Path(cfg.storage.dir)))
+    measurement = expected_measurement_for(t, int(initial_params(t).shape[0]))
+    return ["--tee-vendor-public", vendor.public.hex(), "--tee-measurement", measurement.hex()]
+
+
+@pytest.mark.slow
+def test_kill_9_tee_aggregator_process_then_restart_discards_its_buffer_once(
+    tmp_path: Path,
+) -> None:
+    """Roles as processes, a TEE task (enclave in its own process under the aggregator):
+    SIGKILL the aggregator while masked rows are buffered. Its enclave dies with it; the
+    restarted aggregator takes the task over (epoch 2), boots a new enclave (clients
+    re-attest), discards exactly the rows buffered at the kill, and the task completes with
+    K masked rows applied per version and every acknowledged upload in the ledger."""
+    steps, k = 10, 3
+    task = {
+        "id": "teecrash",
+        "algorithm": {"name": "fedbuff", "concurrency": 6, "buffer_size": k},
+        "max_server_steps": steps,
+        "secure_aggregation": {"mode": "tee", "tee_backend": "subprocess"},
+        **TASK,
+        "model": {"name": "logistic"},
+        "server_optimizer": {"name": "sgd", "lr": 1.0},
+    }
+    config, ports = _setup(tmp_path, task)
+    report = tmp_path / "uploads.jsonl"
+    clients = start_clients(tmp_path, ports["selector"], "0-7", report, _tee_trust(config))
+    logs = {r: tmp_path / f"{r}.log" for r in ports}
+    procs = {r: _spawn(config, r, logs[r]) for r in ("coordinator", "aggregator", "selector")}
+    agg = procs["aggregator"]
+    try:
+        _wait_listening(procs, ports)
+        deadline = time.monotonic() + 60
+        while True:  # mid-task, with masked rows in the buffer: freeze, look again, kill
+            assert time.monotonic() < deadline, "no progress before the crash"
+            if task_version(tmp_path, "teecrash") >= 3 and buffered_rows(tmp_path):
+                agg.send_signal(signal.SIGSTOP)
+                if buffered_rows(tmp_path) and task_version(tmp_path, "teecrash") < steps:
+                    break
+                agg.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+        enclaves = child_pids(agg.pid)
+        assert enclaves, "the aggregator's enclave process is not running"
+        agg.send_signal(signal.SIGKILL)
+        agg.wait(timeout=10)
+        gone_by = time.monotonic() + 10
+        while not all(map(is_gone, enclaves)):  # it sees its socket close and exits
+            assert time.monotonic() < gone_by, "the enclave outlived its aggregator"
+            time.sleep(0.05)
+        killed_at = task_version(tmp_path, "teecrash")
+        with ledger(tmp_path) as db:
+            lost = {r[0] for r in db.execute("SELECT seq FROM updates WHERE status='buffered'")}
+        procs["aggregator"] = _spawn(config, "aggregator", logs["aggregator"])
+        _wait_listening({"aggregator": procs["aggregator"]}, ports)
+        _, err = finish_clients(clients, 150, list(procs.values()), list(logs.values()))
+        assert clients.returncode == 0, err.decode()[-3000:]
+        status = _status(tmp_path, ports["selector"])
+    finally:
+        _stop(procs)
+        if clients.poll() is None:
+            clients.kill()
+    with ledger(tmp_path) as db:
+        version = db.execute("SELECT version FROM tasks").fetchone()[0]
+        rows = db.execute(
+            "SELECT seq, client_id, upload_id, status, applied_version, accepted_version "
+            "FROM updates"
+        ).fetchall()
+        epoch = db.execute("SELECT epoch FROM task_owners WHERE task_id='teecrash'").fetchone()
+    assert version == steps and epoch == (2,)
+    per_version: dict[int, int] = {}
+    for r in rows:
+        if r[3] == "applied":
+            per_version[r[4]] = per_version.get(r[4], 0) + 1
+    assert per_version == dict.fromkeys(range(1, steps + 1), k)  # each release applied once
+    discarded = [r for r in rows if r[3] == "discarded"]
+    assert lost and {r[0] for r in discarded} == lost  # exactly those buffered at the kill
+    assert all(r[5] == killed_at for r in discarded)
+    assert {r[3] for r in rows} <= {"applied", "discarded", "buffered"}
+    acked = {
+        (u["client_id"], u["upload_id"])
+        for u in map(json.loads, report.read_text().splitlines())
+        if u["outcome"] in ("accepted", "duplicate")
+    }
+    assert acked == {(r[1], r[2]) for r in rows}
+    assert status.discarded_updates == len(lost)
+    assert logs["aggregator"].read_text().count('"task recovered"') >= 2
 
 
 @pytest.mark.slow
