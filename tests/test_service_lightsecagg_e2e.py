@@ -250,7 +250,8 @@ def test_wire_refusals_change_nothing(tmp_path: Path) -> None:
                         pass
                 assert _reason(info.value) == "not_in_group"
                 items = [i async for i in stub.LightSecAggPoll(poll, metadata=md(1))]
-                assert items == []
+                # No mailbox item, only the watermark (nothing settled: the first boot's ids).
+                assert [i.WhichOneof("item") for i in items] == ["settled"]
                 # Nothing of any of that reached the aggregator, the ledger or a mailbox.
                 assert rt.agg.buffered == 0 and lsa.mailbox_items == 0
                 assert h.coordinator.store.counts("lsa") == {}
@@ -312,6 +313,13 @@ def test_server_restart_discards_the_unreleased_buffer_and_the_group_goes_on(
             assert rt.discarded_total == unreleased  # discarded at recovery, not replayed
             reports = await asyncio.wait_for(running, 50)
             assert all(r.done for r in reports) and rt.finished and rt.version == steps
+            # No device still holds a share of the discarded boot's contributions (no request
+            # ever came for them; the settle watermark of its next poll dropped them), nor one
+            # whose buffer it does not know.
+            first_id = (boot + 1) << 32
+            assert all(b >= first_id for r in reports for b in r.lightsecagg_held), [
+                r.lightsecagg_held for r in reports
+            ]
             return rt.discarded_total
         finally:
             await h.stop()

@@ -50,6 +50,7 @@ from asyncfl.service.config import is_loopback
 from asyncfl.service.diagnostics import install_task_dump
 from asyncfl.service.errors import REASON_KEY
 from asyncfl.service.lightsecagg_client import (
+    SOMEWHERE,
     LightSecAggBody,
     LightSecAggDevice,
     LightSecAggError,
@@ -207,6 +208,9 @@ class ClientReport:
     retries: int = 0
     done: bool = False
     uploads: list[UploadRecord] = field(default_factory=list)
+    lightsecagg_held: list[int] = field(default_factory=list)
+    """lightsecagg: for each mask share the device still holds at the end, the buffer of its
+    contribution (-1: unknown). Shares of settled buffers are dropped at the next poll."""
 
 
 class _Transient(Exception):
@@ -467,11 +471,12 @@ class _Session:
             attempts += 1
             try:
                 if lsa is not None:
-                    await self._data_stub(address).LightSecAggUpload(
+                    resp: pb.UploadResponse = await self._data_stub(address).LightSecAggUpload(
                         upload_chunks(lsa_header, lsa, self.o.client_id, self.o.chunk_bytes),
                         metadata=self.md,
                         timeout=self.o.rpc_timeout_s,
                     )
+                    self.lsa.uploaded(a.task_id, lsa.seq, int(resp.lightsecagg_buffer_id))
                 else:
                     await self._data_stub(address).UploadUpdate(
                         self._chunks(header, body), metadata=self.md, timeout=self.o.rpc_timeout_s
@@ -481,6 +486,8 @@ class _Session:
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.ALREADY_EXISTS:
                     self.failures = 0
+                    if lsa is not None:  # an earlier attempt committed it: buffer unknown
+                        self.lsa.uploaded(a.task_id, lsa.seq, SOMEWHERE)
                     return UploadRecord(upload_id, version, "duplicate", attempts)
                 try:
                     self._check(err)
@@ -492,6 +499,8 @@ class _Session:
                         address = await self._locate(a.task_id, address)
                     continue
                 self.failures = 0
+                if lsa is not None:  # refused: no buffer holds it, none will ask for it
+                    self.lsa.uploaded(a.task_id, lsa.seq, None)
                 return UploadRecord(upload_id, version, _reason(err), attempts)
 
     async def lightsecagg(self, task_ids: Sequence[str], addresses: Mapping[str, str]) -> None:
@@ -569,6 +578,7 @@ class _Session:
                 log.info(
                     "upload refused", extra={"client": self.o.client_id, "reason": rec.outcome}
                 )
+        r.lightsecagg_held = self.lsa.held_buffers()
         return r
 
 

@@ -49,7 +49,13 @@ from asyncfl.service.errors import REASON_KEY
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
 from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
 
-__all__ = ["LightSecAggBody", "LightSecAggDevice", "LightSecAggError", "upload_chunks"]
+__all__ = [
+    "SOMEWHERE",
+    "LightSecAggBody",
+    "LightSecAggDevice",
+    "LightSecAggError",
+    "upload_chunks",
+]
 
 log = logging.getLogger("asyncfl.service.client")
 
@@ -57,6 +63,11 @@ _MIN_CONTRIBUTIONS = 2
 """The device's own floor on K: a server asking it to unmask "buffers" of one contribution
 would learn that contribution. Refused whatever the server's parameters say."""
 _GIVE_UP = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+SOMEWHERE = -1
+"""The buffer of a contribution an earlier attempt committed (a retried upload answered
+"duplicate"): resolved to the open buffer of the next poll, an upper bound."""
 
 
 class LightSecAggError(AsyncFLError):
@@ -80,6 +91,8 @@ class _Task:
     after_seq: int = 0
     unsent: list[tuple[int, bytes]] = field(default_factory=list)
     """Aggregated shares computed but not delivered (transient failure): sent again."""
+    held_in: dict[ContributionId, int] = field(default_factory=dict)
+    """The buffer each held share's contribution is in (dropped once it settles)."""
 
 
 class LightSecAggDevice:
@@ -91,6 +104,7 @@ class LightSecAggDevice:
         self.answers_sent = 0
         self.requests_refused = 0
         self.shares_refused = 0
+        self.shares_forgotten = 0
 
     def ready(self, task_id: str) -> bool:
         """The group is complete and this device can contribute to ``task_id``."""
@@ -177,6 +191,16 @@ class LightSecAggDevice:
         )
         async for item in call:
             kind = item.WhichOneof("item")
+            if kind == "settled":
+                st = item.settled
+                for c, b in t.held_in.items():
+                    if b == SOMEWHERE:  # committed before this poll: in `open` or earlier
+                        t.held_in[c] = int(st.open)
+                settled = [c for c, b in t.held_in.items() if b < st.below]
+                self.shares_forgotten += user.forget(settled)  # answered ones are gone already
+                for c in settled:
+                    del t.held_in[c]
+                continue  # not a mailbox item: nothing to acknowledge
             if kind == "share":
                 s = item.share
                 cid = ContributionId(int(s.sender), int(s.contribution_seq))
@@ -185,6 +209,8 @@ class LightSecAggDevice:
                 except (ProtocolError, CryptoError) as exc:
                     self.shares_refused += 1
                     log.info("share refused", extra={"client": self.client_id, "detail": str(exc)})
+                else:
+                    t.held_in[cid] = int(s.buffer_id)
             elif kind == "request":
                 r = item.request
                 try:
@@ -258,6 +284,29 @@ class LightSecAggDevice:
             return LightSecAggBody(msg.contribution.seq, shares, up.masked)
 
         return await asyncio.to_thread(work)
+
+    def held_buffers(self) -> list[int]:
+        """For every mask share held, in every task: its contribution's buffer (-1 unknown)."""
+        return sorted(
+            t.held_in.get(c, -1)
+            for t in self._tasks.values()
+            if t.user is not None
+            for c in t.user.held
+        )
+
+    def uploaded(self, task_id: str, seq: int, buffer_id: int | None) -> None:
+        """The fate of this device's contribution ``seq``: in buffer ``buffer_id`` (its own
+        mask share is dropped once that buffer settles), committed by an earlier attempt
+        (:data:`SOMEWHERE`: its buffer is at most the open one of the next poll), or refused
+        (``None``: dropped now, no buffer will ever ask for it)."""
+        t = self._tasks.get(task_id)
+        if t is None or t.user is None:
+            return
+        cid = ContributionId(self.client_id, seq)
+        if buffer_id is None:
+            self.shares_forgotten += t.user.forget([cid])
+        else:
+            t.held_in[cid] = buffer_id
 
 
 async def upload_chunks(

@@ -198,6 +198,8 @@ class MailboxItem:
     seq: int
     share: EncryptedMaskShare | None = None
     request: AggregateRequest | None = None
+    buffer_id: int = 0
+    """With ``share``: the buffer its contribution is in."""
 
 
 class _Mailbox:
@@ -290,7 +292,9 @@ class LightSecAggTask:
         if len(self._keys) == self.params.num_users:
             self._advertise()
         self._mailbox = _Mailbox(first + 1)  # a device's "nothing processed yet" is 0
-        self._staged: list[MaskShares | AggregateRequest] = []
+        self.last_buffer_id = 0
+        """The buffer of the last admitted contribution (read right after ``admit``)."""
+        self._staged: list[tuple[MaskShares, int] | AggregateRequest] = []
         self._awaiting: dict[int, _Awaiting] = {}
         self._order: deque[int] = deque()
         self._dropped = False
@@ -385,6 +389,8 @@ class LightSecAggTask:
         except ProtocolError as exc:
             raise ServiceError("protocol", str(exc)) from None
         version_before = self.agg.version
+        bid = self.server.open_buffer_id  # the buffer this contribution goes into
+        self.last_buffer_id = bid
         out = self.agg.on_masked_update(
             MaskedUpload(self.session_id, cid, base_version, num_examples, up.masked)
         )
@@ -392,7 +398,7 @@ class LightSecAggTask:
             self.server.cancel_route(cid)
             assert out.reason is not None
             raise ServiceError(out.reason, out.detail or "")
-        self._staged.append(msg)
+        self._staged.append((msg, bid))
         req = self.agg.take_request()
         if req is not None:
             self._staged.append(req)
@@ -416,9 +422,12 @@ class LightSecAggTask:
         staged, self._staged = self._staged, []
         n = self.params.num_users
         for item in staged:
-            if isinstance(item, MaskShares):
-                for s in item.shares:
-                    self._mailbox.put(s.receiver, s.contribution, partial(MailboxItem, share=s))
+            if isinstance(item, tuple):
+                msg, bid = item
+                for s in msg.shares:
+                    self._mailbox.put(
+                        s.receiver, s.contribution, partial(MailboxItem, share=s, buffer_id=bid)
+                    )
                 continue
             key = ("request", item.buffer_id)
             for j in range(n):
@@ -430,6 +439,14 @@ class LightSecAggTask:
         """Acknowledge ``client_id``'s items up to ``after_seq``; its remaining items."""
         self._member(client_id)
         return self._mailbox.take(client_id, after_seq)
+
+    @property
+    def settled_below(self) -> int:
+        """Every buffer with a smaller id is settled (buffers settle in closing order, and
+        a new boot's ids start above the old ones'): a device drops its shares of their
+        contributions. Without it, a device would keep the shares of discarded buffers (no
+        request ever comes for them) and of buffers unmasked from others' answers."""
+        return self._order[0] if self._order else self.server.open_buffer_id
 
     @property
     def mailbox_items(self) -> int:

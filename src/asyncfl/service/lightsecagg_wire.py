@@ -99,7 +99,8 @@ async def handle_register(
 async def handle_poll(
     coord: Coordinator, client_id: int, req: pb.LightSecAggPollRequest
 ) -> list[pb.LightSecAggMailboxItem]:
-    items = _lsa(coord, req.task_id).poll(client_id, req.after_seq)
+    task = _lsa(coord, req.task_id)
+    items = task.poll(client_id, req.after_seq)
     out = []
     for it in items:
         if it.share is not None:
@@ -109,6 +110,7 @@ async def handle_poll(
                 contribution_seq=s.contribution.seq,
                 receiver=s.receiver,
                 ciphertext=s.ciphertext,
+                buffer_id=it.buffer_id,
             )
             out.append(pb.LightSecAggMailboxItem(seq=it.seq, share=msg))
         elif it.request is not None:
@@ -124,6 +126,8 @@ async def handle_poll(
                     ),
                 )
             )
+    settled = pb.LightSecAggSettled(below=task.settled_below, open=task.server.open_buffer_id)
+    out.append(pb.LightSecAggMailboxItem(seq=0, settled=settled))
     return out
 
 
@@ -211,5 +215,9 @@ async def handle_upload(
     empty = np.zeros(0, np.float32)
     res = await coord.submit(client_id, header, empty, lightsecagg=up)
     return pb.UploadResponse(
-        model_version=res.version, staleness=res.staleness, weight=res.weight, stepped=res.stepped
+        model_version=res.version,
+        staleness=res.staleness,
+        weight=res.weight,
+        stepped=res.stepped,
+        lightsecagg_buffer_id=res.lightsecagg_buffer_id,
     )

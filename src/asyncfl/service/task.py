@@ -84,6 +84,9 @@ class Accepted:
     staleness: int
     weight: float
     stepped: bool
+    lightsecagg_buffer_id: int = 0
+    """lightsecagg: the buffer the contribution went into (the device drops its own mask share
+    once that buffer settles)."""
 
 
 def initial_params(cfg: TaskConfig) -> FloatVector:
@@ -351,7 +354,13 @@ class TaskRuntime:
                         self.accepted_total += len(pending)
                         pending = []
                     continue
-                acc = Accepted(self.agg.version, out.staleness, out.weight, out.step is not None)
+                acc = Accepted(
+                    self.agg.version,
+                    out.staleness,
+                    out.weight,
+                    out.step is not None,
+                    0 if self.lsa is None else self.lsa.last_buffer_id,
+                )
                 pending.append((i, row, acc))
                 if out.step is not None or out.discarded:
                     self._persist([r for _, r, _ in pending], out)

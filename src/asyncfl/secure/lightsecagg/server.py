@@ -188,6 +188,11 @@ class LightSecAggServer:
         """Ids of closed buffers still waiting for aggregated shares."""
         return tuple(self._closed)
 
+    @property
+    def open_buffer_id(self) -> int:
+        """The id the open buffer will have when it closes (ids grow in closing order)."""
+        return self._next_id
+
     # -- unmasking ------------------------------------------------------------------------
     def close_buffer(self) -> AggregateRequest:
         """Freeze the open buffer and return the request to send to every user."""

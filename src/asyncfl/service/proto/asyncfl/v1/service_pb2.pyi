@@ -161,16 +161,18 @@ class UploadChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UploadResponse(_message.Message):
-    __slots__ = ("model_version", "staleness", "weight", "stepped")
+    __slots__ = ("model_version", "staleness", "weight", "stepped", "lightsecagg_buffer_id")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     STEPPED_FIELD_NUMBER: _ClassVar[int]
+    LIGHTSECAGG_BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     staleness: int
     weight: float
     stepped: bool
-    def __init__(self, model_version: _Optional[int] = ..., staleness: _Optional[int] = ..., weight: _Optional[float] = ..., stepped: _Optional[bool] = ...) -> None: ...
+    lightsecagg_buffer_id: int
+    def __init__(self, model_version: _Optional[int] = ..., staleness: _Optional[int] = ..., weight: _Optional[float] = ..., stepped: _Optional[bool] = ..., lightsecagg_buffer_id: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -471,16 +473,18 @@ class LightSecAggPollRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class LightSecAggShare(_message.Message):
-    __slots__ = ("sender", "contribution_seq", "receiver", "ciphertext")
+    __slots__ = ("sender", "contribution_seq", "receiver", "ciphertext", "buffer_id")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_SEQ_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
     sender: int
     contribution_seq: int
     receiver: int
     ciphertext: bytes
-    def __init__(self, sender: _Optional[int] = ..., contribution_seq: _Optional[int] = ..., receiver: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+    buffer_id: int
+    def __init__(self, sender: _Optional[int] = ..., contribution_seq: _Optional[int] = ..., receiver: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., buffer_id: _Optional[int] = ...) -> None: ...
 
 class LightSecAggRequest(_message.Message):
     __slots__ = ("buffer_id", "senders", "seqs", "weights")
@@ -494,15 +498,25 @@ class LightSecAggRequest(_message.Message):
     weights: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, buffer_id: _Optional[int] = ..., senders: _Optional[_Iterable[int]] = ..., seqs: _Optional[_Iterable[int]] = ..., weights: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class LightSecAggSettled(_message.Message):
+    __slots__ = ("below", "open")
+    BELOW_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    below: int
+    open: int
+    def __init__(self, below: _Optional[int] = ..., open: _Optional[int] = ...) -> None: ...
+
 class LightSecAggMailboxItem(_message.Message):
-    __slots__ = ("seq", "share", "request")
+    __slots__ = ("seq", "share", "request", "settled")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     share: LightSecAggShare
     request: LightSecAggRequest
-    def __init__(self, seq: _Optional[int] = ..., share: _Optional[_Union[LightSecAggShare, _Mapping]] = ..., request: _Optional[_Union[LightSecAggRequest, _Mapping]] = ...) -> None: ...
+    settled: LightSecAggSettled
+    def __init__(self, seq: _Optional[int] = ..., share: _Optional[_Union[LightSecAggShare, _Mapping]] = ..., request: _Optional[_Union[LightSecAggRequest, _Mapping]] = ..., settled: _Optional[_Union[LightSecAggSettled, _Mapping]] = ...) -> None: ...
 
 class LightSecAggAnswerRequest(_message.Message):
     __slots__ = ("task_id", "buffer_id", "share")
