@@ -242,3 +242,34 @@ def buffered_rows(tmp: Path) -> int:
         return int(
             db.execute("SELECT COUNT(*) FROM updates WHERE status = 'buffered'").fetchone()[0]
         )
+
+
+def kill_9_with_rows_buffered(
+    host: subprocess.Popen[Any], tmp: Path, task_id: str, steps: int
+) -> tuple[int, set[int]]:
+    """SIGKILL ``host`` (a server or aggregator whose task runs a subprocess enclave) once
+    the task is past version 3 with rows buffered, and wait until its enclave is gone too.
+    The host is frozen (SIGSTOP) before the final look, since the buffer may release between
+    a read and the kill. Returns the version at the kill and the seqs of the rows buffered."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "no progress before the crash"
+        if task_version(tmp, task_id) >= 3 and buffered_rows(tmp):
+            host.send_signal(signal.SIGSTOP)
+            if buffered_rows(tmp) and task_version(tmp, task_id) < steps:
+                break
+            host.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+    enclaves = child_pids(host.pid)
+    assert enclaves, "the subprocess enclave is not running"
+    host.send_signal(signal.SIGKILL)
+    host.wait(timeout=10)
+    gone_by = time.monotonic() + 10
+    while not all(map(is_gone, enclaves)):  # it sees its socket close and exits
+        assert time.monotonic() < gone_by, "the enclave outlived its host"
+        time.sleep(0.05)
+    killed_at = task_version(tmp, task_id)
+    assert killed_at < steps, "the task finished before the kill"
+    with ledger(tmp) as db:
+        lost = {r[0] for r in db.execute("SELECT seq FROM updates WHERE status = 'buffered'")}
+    return killed_at, lost

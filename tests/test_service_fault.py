@@ -15,12 +15,10 @@ import yaml
 
 from _service_util import (
     INPUT_SHAPE,
-    buffered_rows,
     check_ledger_exactly_once,
-    child_pids,
     finish_clients,
     free_port,
-    is_gone,
+    kill_9_with_rows_buffered,
     ledger,
     start_clients,
     start_server,
@@ -122,32 +120,7 @@ def test_kill_9_tee_dp_task_mid_task_then_restart_completes_exactly_once(tmp_pat
     clients = start_clients(tmp_path, port, "0-7", report, trust)
     server = start_server(config, port, tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:  # mid-task, with masked updates in the buffer
-            assert time.monotonic() < deadline, "no progress before the crash"
-            if task_version(tmp_path, "teecrash") >= 3 and buffered_rows(tmp_path):
-                # Freeze the server and look again: the buffer may have released between
-                # the read and the kill, and the test needs rows buffered at the kill.
-                server.send_signal(signal.SIGSTOP)
-                if buffered_rows(tmp_path) and task_version(tmp_path, "teecrash") < steps:
-                    break
-                server.send_signal(signal.SIGCONT)
-            time.sleep(0.02)
-        enclaves = child_pids(server.pid)
-        assert enclaves, "the subprocess enclave is not running"
-        server.send_signal(signal.SIGKILL)
-        server.wait(timeout=10)
-        gone_by = time.monotonic() + 10
-        while not all(map(is_gone, enclaves)):  # it sees its socket close and exits
-            assert time.monotonic() < gone_by, "the enclave outlived its host"
-            time.sleep(0.05)
-        killed_at = task_version(tmp_path, "teecrash")
-        assert killed_at < steps, "the task finished before the kill"
-        with ledger(tmp_path) as db:
-            lost = {
-                r[0]
-                for r in db.execute("SELECT seq FROM updates WHERE status = 'buffered'").fetchall()
-            }
+        killed_at, lost = kill_9_with_rows_buffered(server, tmp_path, "teecrash", steps)
         server = start_server(config, port, tmp_path / "server.log")
         _, err = finish_clients(clients, 90, [server], [tmp_path / "server.log"])
         assert clients.returncode == 0, err.decode()[-3000:]

@@ -24,13 +24,11 @@ import yaml
 
 from _service_util import (
     INPUT_SHAPE,
-    buffered_rows,
     check_ledger_exactly_once,
     check_secure_ledger_exactly_once,
-    child_pids,
     finish_clients,
     free_port,
-    is_gone,
+    kill_9_with_rows_buffered,
     ledger,
     start_clients,
     task_version,
@@ -279,26 +277,7 @@ def test_kill_9_tee_aggregator_process_then_restart_discards_its_buffer_once(
     agg = procs["aggregator"]
     try:
         _wait_listening(procs, ports)
-        deadline = time.monotonic() + 60
-        while True:  # mid-task, with masked rows in the buffer: freeze, look again, kill
-            assert time.monotonic() < deadline, "no progress before the crash"
-            if task_version(tmp_path, "teecrash") >= 3 and buffered_rows(tmp_path):
-                agg.send_signal(signal.SIGSTOP)
-                if buffered_rows(tmp_path) and task_version(tmp_path, "teecrash") < steps:
-                    break
-                agg.send_signal(signal.SIGCONT)
-            time.sleep(0.02)
-        enclaves = child_pids(agg.pid)
-        assert enclaves, "the aggregator's enclave process is not running"
-        agg.send_signal(signal.SIGKILL)
-        agg.wait(timeout=10)
-        gone_by = time.monotonic() + 10
-        while not all(map(is_gone, enclaves)):  # it sees its socket close and exits
-            assert time.monotonic() < gone_by, "the enclave outlived its aggregator"
-            time.sleep(0.05)
-        killed_at = task_version(tmp_path, "teecrash")
-        with ledger(tmp_path) as db:
-            lost = {r[0] for r in db.execute("SELECT seq FROM updates WHERE status='buffered'")}
+        killed_at, lost = kill_9_with_rows_buffered(agg, tmp_path, "teecrash", steps)
         procs["aggregator"] = _spawn(config, "aggregator", logs["aggregator"])
         _wait_listening({"aggregator": procs["aggregator"]}, ports)
         _, err = finish_clients(clients, 150, list(procs.values()), list(logs.values()))
