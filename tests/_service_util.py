@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import yaml
 
@@ -21,8 +22,12 @@ from asyncfl.algorithms.factory import make_aggregator
 from asyncfl.core.configload import build_config
 from asyncfl.core.server_opt import make_server_optimizer
 from asyncfl.core.update import Update
+from asyncfl.privacy import PrivacyAccountant, PrivacyConfig
+from asyncfl.service.auth import Secret, bearer_metadata
 from asyncfl.service.checkpoint import read_checkpoint
 from asyncfl.service.config import ServiceConfig
+from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
+from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
 
 # scikit-learn digits over 12 clients with mild label skew: every client's data covers the same
 # task, so which clients happen to upload most (real arrival order on a loaded machine) changes
@@ -273,3 +278,37 @@ def kill_9_with_rows_buffered(
     with ledger(tmp) as db:
         lost = {r[0] for r in db.execute("SELECT seq FROM updates WHERE status = 'buffered'")}
     return killed_at, lost
+
+
+def reference_epsilons(
+    steps: int, *, noise_multiplier: float, clip_norm: float, cohort_size: int, population: int
+) -> list[float]:
+    """Epsilon after 0..``steps`` releases from an accountant configured by hand, not via the
+    service (delta = 1 / (10 population), async sampling, as the DP test tasks use)."""
+    acc = PrivacyAccountant(
+        PrivacyConfig(
+            noise_multiplier=noise_multiplier,
+            clip_norm=clip_norm,
+            cohort_size=cohort_size,
+            population=population,
+            delta=1.0 / (10 * population),
+            sampling="async_approx",
+        )
+    )
+    out = [acc.epsilon()]
+    for _ in range(steps):
+        acc.record_step()
+        out.append(acc.epsilon())
+    return out
+
+
+async def operator_status(port: int, secret: Secret) -> pb.TaskStatus:
+    """The only task's Status, asked on 127.0.0.1:``port`` with the operator's token."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.FederatedLearningStub(ch)  # type: ignore[no-untyped-call]
+        resp = await stub.Status(
+            pb.StatusRequest(), metadata=bearer_metadata(secret.token("operator"))
+        )
+    (task,) = resp.tasks
+    assert isinstance(task, pb.TaskStatus)
+    return task

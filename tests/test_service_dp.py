@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _service_util import operator_status, reference_epsilons
 from asyncfl.core.configload import build_config
 from asyncfl.errors import ConfigError
-from asyncfl.privacy import PrivacyAccountant, PrivacyConfig
-from asyncfl.service.auth import Secret, bearer_metadata
+from asyncfl.service.auth import Secret
 from asyncfl.service.checkpoint import read_checkpoint
 from asyncfl.service.client import (
     ClientOptions,
@@ -27,7 +27,6 @@ from asyncfl.service.client import (
 from asyncfl.service.config import ServiceConfig
 from asyncfl.service.errors import ServiceError
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
-from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
 from asyncfl.service.server import ServiceHandle, start_server
 from asyncfl.service.task import initial_params
 
@@ -35,26 +34,7 @@ C, Z, K, N = 0.5, 1.0, 2, 100  # clip norm, noise multiplier, buffer size, popul
 DIM = 60 * 10 + 10
 
 
-def _reference_epsilons(n: int) -> list[float]:
-    """Epsilon after 0..n steps from an accountant configured by hand (not via the service)."""
-    acc = PrivacyAccountant(
-        PrivacyConfig(
-            noise_multiplier=Z,
-            clip_norm=C,
-            cohort_size=K,
-            population=N,
-            delta=1.0 / (10 * N),
-            sampling="async_approx",
-        )
-    )
-    out = [acc.epsilon()]
-    for _ in range(n):
-        acc.record_step()
-        out.append(acc.epsilon())
-    return out
-
-
-EPS = _reference_epsilons(4)
+EPS = reference_epsilons(4, noise_multiplier=Z, clip_norm=C, cohort_size=K, population=N)
 
 
 def _config(tmp: Path, **privacy: Any) -> ServiceConfig:
@@ -117,19 +97,6 @@ async def _clients(h: ServiceHandle, secret: Secret, ids: range, max_updates: in
     return sum(r.accepted for r in reports)
 
 
-async def _status(h: ServiceHandle, secret: Secret) -> pb.TaskStatus:
-    import grpc
-
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{h.port}") as ch:
-        stub = pb_grpc.FederatedLearningStub(ch)  # type: ignore[no-untyped-call]
-        resp = await stub.Status(
-            pb.StatusRequest(), metadata=bearer_metadata(secret.token("operator"))
-        )
-    (task,) = resp.tasks
-    assert isinstance(task, pb.TaskStatus)
-    return task
-
-
 def test_dp_task_accounts_resumes_after_restart_and_stops_at_budget(tmp_path: Path) -> None:
     # The budget admits exactly 3 steps.
     cfg = _config(tmp_path, epsilon_budget=(EPS[3] + EPS[4]) / 2)
@@ -140,7 +107,7 @@ def test_dp_task_accounts_resumes_after_restart_and_stops_at_budget(tmp_path: Pa
         try:
             # Two clients, two updates each: exactly two steps of K = 2.
             assert await _clients(h, secret, range(2), max_updates=2) == 4
-            s = await _status(h, secret)
+            s = await operator_status(h.port, secret)
             assert s.model_version == 2 and s.dp_enabled and not s.finished
             assert s.epsilon == pytest.approx(EPS[2], rel=1e-9)
             assert s.dp_delta == pytest.approx(1.0 / (10 * N))
@@ -148,11 +115,11 @@ def test_dp_task_accounts_resumes_after_restart_and_stops_at_budget(tmp_path: Pa
             await h.stop()
         h = await start_server(cfg)  # a restart resumes the same epsilon from the checkpoint
         try:
-            s = await _status(h, secret)
+            s = await operator_status(h.port, secret)
             assert s.model_version == 2
             assert s.epsilon == pytest.approx(EPS[2], rel=1e-9)
             await _clients(h, secret, range(3), max_updates=None)  # until "done"
-            s = await _status(h, secret)
+            s = await operator_status(h.port, secret)
             assert s.model_version == 3 and s.finished and s.budget_spent
             assert s.epsilon == pytest.approx(EPS[3], rel=1e-9)
             rt = h.coordinator.tasks["dp"].runtime

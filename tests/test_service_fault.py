@@ -20,13 +20,13 @@ from _service_util import (
     free_port,
     kill_9_with_rows_buffered,
     ledger,
+    reference_epsilons,
     start_clients,
     start_server,
     task_version,
     write_setup,
 )
 from asyncfl.core.configload import build_config
-from asyncfl.privacy import PrivacyAccountant, PrivacyConfig
 from asyncfl.service.auth import Secret, bearer_metadata
 from asyncfl.service.checkpoint import read_checkpoint
 from asyncfl.service.config import ServiceConfig
@@ -174,17 +174,9 @@ def test_kill_9_tee_dp_task_mid_task_then_restart_completes_exactly_once(tmp_pat
     final = read_checkpoint(tmp_path / "state" / "checkpoints" / ckpt_name)
     assert final.privacy is not None
     assert sum(r["count"] for r in json.loads(final.privacy)["runs"]) == spent
-    acc = PrivacyAccountant(
-        PrivacyConfig(
-            noise_multiplier=1.0,
-            clip_norm=1.0,
-            cohort_size=k,
-            population=120,
-            delta=1.0 / 1200,
-            sampling="async_approx",
-        )
-    )
-    acc.record_step(spent)
-    assert status.epsilon == pytest.approx(acc.epsilon(), rel=1e-9)
+    (eps,) = reference_epsilons(
+        spent, noise_multiplier=1.0, clip_norm=1.0, cohort_size=k, population=120
+    )[-1:]
+    assert status.epsilon == pytest.approx(eps, rel=1e-9)
     log = (tmp_path / "server.log").read_text()
     assert log.count('"task recovered"') >= 2 and "masked buffer discarded" in log

@@ -30,12 +30,12 @@ from _service_util import (
     free_port,
     kill_9_with_rows_buffered,
     ledger,
+    reference_epsilons,
     start_clients,
     task_version,
     write_setup,
 )
 from asyncfl.core.configload import build_config
-from asyncfl.privacy import PrivacyAccountant, PrivacyConfig
 from asyncfl.service.auth import Secret, bearer_metadata
 from asyncfl.service.config import ServiceConfig
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
@@ -359,19 +359,11 @@ def test_separate_role_processes_run_a_tee_dp_task_to_completion(tmp_path: Path)
     assert outcomes <= {"accepted", "task_finished", "privacy_budget_spent"}, outcomes
     # Privacy: one release per step, accounted, and Status (through the selector) says so.
     assert notes == dict.fromkeys(range(steps), 1)
-    acc = PrivacyAccountant(
-        PrivacyConfig(
-            noise_multiplier=1.0,
-            clip_norm=1.0,
-            cohort_size=k,
-            population=120,
-            delta=1.0 / 1200,
-            sampling="async_approx",
-        )
-    )
-    acc.record_step(steps)
+    (eps,) = reference_epsilons(
+        steps, noise_multiplier=1.0, clip_norm=1.0, cohort_size=k, population=120
+    )[-1:]
     assert status.finished and status.model_version == steps
-    assert status.epsilon == pytest.approx(acc.epsilon(), rel=1e-9)
+    assert status.epsilon == pytest.approx(eps, rel=1e-9)
     assert "duplicate_client" not in status.rejected
     # The data path bypassed the selector.
     assert logs["aggregator"].count('"update accepted"') == len(rows)

@@ -12,19 +12,19 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 
+from _service_util import operator_status, reference_epsilons
 from asyncfl.core.configload import build_config
 from asyncfl.core.update import FloatVector
 from asyncfl.errors import ProtocolError
-from asyncfl.privacy import PrivacyAccountant, PrivacyConfig, clip_update
+from asyncfl.privacy import clip_update
 from asyncfl.secure.fixedpoint import FixedPointCodec
 from asyncfl.secure.tee import SimulatedVendor, TeeClient
 from asyncfl.secure.tee.attestation import verify_report
 from asyncfl.secure.tee.enclave import EnclaveConfig, dp_noise_std
-from asyncfl.service.auth import Secret, bearer_metadata
+from asyncfl.service.auth import Secret
 from asyncfl.service.checkpoint import read_checkpoint
 from asyncfl.service.client import (
     ClientError,
@@ -36,7 +36,6 @@ from asyncfl.service.client import (
 from asyncfl.service.config import ServiceConfig, TaskConfig
 from asyncfl.service.errors import ServiceError
 from asyncfl.service.proto.asyncfl.v1 import service_pb2 as pb
-from asyncfl.service.proto.asyncfl.v1 import service_pb2_grpc as pb_grpc
 from asyncfl.service.server import ServiceHandle, start_server
 from asyncfl.service.store import Store
 from asyncfl.service.task import Accepted, Submission, TaskRuntime, initial_params
@@ -47,26 +46,7 @@ DIM = 60 * 10 + 10
 FRAC = 24
 
 
-def _reference_epsilons(n: int) -> list[float]:
-    """Epsilon after 0..n releases from an accountant configured by hand."""
-    acc = PrivacyAccountant(
-        PrivacyConfig(
-            noise_multiplier=Z,
-            clip_norm=C,
-            cohort_size=K,
-            population=N,
-            delta=1.0 / (10 * N),
-            sampling="async_approx",
-        )
-    )
-    out = [acc.epsilon()]
-    for _ in range(n):
-        acc.record_step()
-        out.append(acc.epsilon())
-    return out
-
-
-EPS = _reference_epsilons(4)
+EPS = reference_epsilons(4, noise_multiplier=Z, clip_norm=C, cohort_size=K, population=N)
 
 
 def _task(**privacy: Any) -> dict[str, Any]:
@@ -141,17 +121,6 @@ async def _clients(h: ServiceHandle, secret: Secret, ids: range, max_updates: in
     return sum(r.accepted for r in reports)
 
 
-async def _status(h: ServiceHandle, secret: Secret) -> pb.TaskStatus:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{h.port}") as ch:
-        stub = pb_grpc.FederatedLearningStub(ch)  # type: ignore[no-untyped-call]
-        resp = await stub.Status(
-            pb.StatusRequest(), metadata=bearer_metadata(secret.token("operator"))
-        )
-    (task,) = resp.tasks
-    assert isinstance(task, pb.TaskStatus)
-    return task
-
-
 def test_tee_dp_task_accounts_resumes_after_restart_and_stops_at_budget(tmp_path: Path) -> None:
     cfg = _service_config(tmp_path, epsilon_budget=(EPS[3] + EPS[4]) / 2)  # admits 3 releases
     secret = Secret.from_file(tmp_path / "secret")
@@ -160,7 +129,7 @@ def test_tee_dp_task_accounts_resumes_after_restart_and_stops_at_budget(tmp_path
         h = await start_server(cfg)
         try:
             assert await _clients(h, secret, range(2), max_updates=2) == 4  # two releases
-            s = await _status(h, secret)
+            s = await operator_status(h.port, secret)
             assert s.model_version == 2 and s.dp_enabled and not s.finished
             assert s.epsilon == pytest.approx(EPS[2], rel=1e-9)
             assert s.discarded_updates == 0
@@ -168,10 +137,10 @@ def test_tee_dp_task_accounts_resumes_after_restart_and_stops_at_budget(tmp_path
             await h.stop()
         h = await start_server(cfg)  # a new enclave boot; epsilon resumes from the checkpoint
         try:
-            s = await _status(h, secret)
+            s = await operator_status(h.port, secret)
             assert s.model_version == 2 and s.epsilon == pytest.approx(EPS[2], rel=1e-9)
             await _clients(h, secret, range(3), max_updates=None)  # until "done"
-            s = await _status(h, secret)
+            s = await operator_status(h.port, secret)
             assert s.model_version == 3 and s.finished and s.budget_spent
             assert s.epsilon == pytest.approx(EPS[3], rel=1e-9)
             rt = h.coordinator.tasks["tdp"].runtime
